@@ -1,0 +1,52 @@
+"""The package layout the user asked for, and imports that point one way: server -> engine -> codecs."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# What each package may import from omnitalk, besides itself.
+ALLOWED = {
+    "server": {"engine", "codecs"},
+    "engine": {"codecs"},
+    "codecs": set(),
+    "clients": set(),
+}
+
+
+def omnitalk_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        found |= {name.split(".")[1] for name in names if name.startswith("omnitalk.") and "." in name}
+    return found
+
+
+def test_top_level_layout():
+    for entry in ("server", "engine", "codecs", "clients", "tests", "docker", "pyproject.toml"):
+        assert (ROOT / entry).exists(), entry
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_point_one_way(package):
+    for path in (ROOT / package).rglob("*.py"):
+        imported = omnitalk_imports(path) - {package}
+        assert imported <= ALLOWED[package], f"{path.relative_to(ROOT)} imports omnitalk.{imported}"
+
+
+def test_packages_import_as_omnitalk_subpackages():
+    import codecs
+
+    import omnitalk.clients
+    import omnitalk.codecs
+    import omnitalk.engine
+    import omnitalk.server
+
+    assert Path(omnitalk.codecs.__file__).parent == ROOT / "codecs"
+    assert Path(omnitalk.server.__file__).parent == ROOT / "server"
+    assert hasattr(codecs, "encode"), "the standard library's codecs must not be shadowed"
