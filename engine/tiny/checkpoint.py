@@ -103,9 +103,7 @@ def _write_weights(state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
 def _write_generation_config(out_dir: Path) -> None:
     from transformers import GenerationConfig
 
-    GenerationConfig(bos_token_id=151643, eos_token_id=THINKER_EOS_IDS, pad_token_id=151643).save_pretrained(
-        out_dir
-    )
+    GenerationConfig(bos_token_id=151643, eos_token_id=THINKER_EOS_IDS, pad_token_id=151643).save_pretrained(out_dir)
 
 
 def _save_torch_deterministic(obj: object, path: Path) -> None:

@@ -1,0 +1,40 @@
+"""What the thinker streams for a request, in order: ThinkerStart, text and rows interleaved, ThinkerDone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkerStart:
+    prompt_token_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkerText:
+    token_ids: list[int]
+    text: str  # detokenized delta
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenStates:
+    """Rows for positions first_position .. first_position + len(rows) - 1, each position exactly once.
+
+    Positions 0..L-1 are the prompt; position L+k is generated token k fed back (the last generated token
+    is never fed back, so a request ends with L + N - 1 rows).
+    """
+
+    first_position: int
+    rows: torch.Tensor  # [n, hidden] in the model's dtype, on CPU
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkerDone:
+    finish_reason: str  # "stop", "length" or "abort"
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+
+ThinkerEvent = ThinkerStart | ThinkerText | HiddenStates | ThinkerDone

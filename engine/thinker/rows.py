@@ -1,0 +1,46 @@
+"""Wire format of hidden-state rows from the vLLM worker to the engine: a msgpack header, then raw bytes."""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+# SamplingParams.extra_args key: its presence opts a request in, its value names the stream.
+TAP_KEY = "omnitalk_hidden_states"
+# additional_config key under which the engine tells the workers where to send rows.
+ADDRESS_KEY = "omnitalk_hidden_states_address"
+
+
+class RowSpan(msgspec.Struct, array_like=True, frozen=True):
+    stream_id: str
+    first_position: int
+    num_rows: int
+
+
+class RowBatch(msgspec.Struct, array_like=True, frozen=True):
+    """One engine step's rows of every tapped request, in the order of the payload."""
+
+    dtype: str
+    hidden_size: int
+    spans: list[RowSpan]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(RowBatch)
+
+
+def encode(spans: list[RowSpan], rows: torch.Tensor) -> list[bytes | memoryview]:
+    """Two frames: the header and the rows' bytes (rows on CPU, contiguous, [sum(num_rows), hidden])."""
+    header = RowBatch(str(rows.dtype).removeprefix("torch."), rows.shape[-1], spans)
+    return [_encoder.encode(header), memoryview(rows.view(torch.uint8).numpy()).cast("B")]
+
+
+def decode(frames: list[bytes]) -> list[tuple[RowSpan, torch.Tensor]]:
+    header = _decoder.decode(frames[0])
+    dtype = getattr(torch, header.dtype)
+    rows = torch.frombuffer(bytearray(frames[1]), dtype=dtype).view(-1, header.hidden_size)
+    out, offset = [], 0
+    for span in header.spans:
+        out.append((span, rows[offset : offset + span.num_rows]))
+        offset += span.num_rows
+    return out
