@@ -50,3 +50,16 @@ def test_packages_import_as_omnitalk_subpackages():
     assert Path(omnitalk.codecs.__file__).parent == ROOT / "codecs"
     assert Path(omnitalk.server.__file__).parent == ROOT / "server"
     assert hasattr(codecs, "encode"), "the standard library's codecs must not be shadowed"
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    """A non-editable install (docker, wheels) ships only the packages pyproject lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        "omnitalk." + ".".join(init.parent.relative_to(ROOT).parts)
+        for package in ALLOWED
+        for init in (ROOT / package).rglob("__init__.py")
+    }
+    assert found == listed
