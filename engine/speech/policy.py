@@ -1,0 +1,59 @@
+"""Which work goes next: the stream whose listener runs out of audio first decides.
+
+A stream's playback deadline is the wall time at which a client that started playing at the first
+audio chunk has played everything sent so far; before its first chunk, its arrival time (the longer
+it has waited, the more urgent it is). Work comes in two kinds, each batched across streams: a talker
+step (one codec token, 20 ms of audio, for every stream whose talker input is ready) and a Code2Wav
+batch (the next audio chunk of every stream with a full window of codes). The most urgent stream that
+can make progress picks the kind: its own bottleneck runs, and every other stream ready for the same
+kind rides along in the batch, most urgent first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+SAMPLE_RATE = 24_000
+
+
+@dataclass(slots=True)
+class PlaybackClock:
+    arrived_at: float
+    first_audio_at: float | None = None
+    samples_sent: int = 0
+
+    def deadline(self) -> float:
+        if self.first_audio_at is None:
+            return self.arrived_at
+        return self.first_audio_at + self.samples_sent / SAMPLE_RATE
+
+    def sent(self, num_samples: int, now: float) -> None:
+        if self.first_audio_at is None:
+            self.first_audio_at = now
+        self.samples_sent += num_samples
+
+
+class Work(Enum):
+    TALKER_STEP = 1
+    CODE2WAV = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A live stream as the policy sees it."""
+
+    key: str
+    deadline: float
+    talker_ready: bool
+    code2wav_ready: bool
+
+
+def choose(candidates: list[Candidate], max_batch: int) -> tuple[Work, list[str]] | None:
+    """The kind of work to run next and the streams in its batch, most urgent first; None when idle."""
+    urgent = sorted((c for c in candidates if c.talker_ready or c.code2wav_ready), key=lambda c: c.deadline)
+    if not urgent:
+        return None
+    work = Work.CODE2WAV if urgent[0].code2wav_ready else Work.TALKER_STEP
+    ready = [c.key for c in urgent if (c.code2wav_ready if work is Work.CODE2WAV else c.talker_ready)]
+    return work, ready[:max_batch]

@@ -1,0 +1,45 @@
+"""The co-scheduler's policy on hand-built stream states: deadlines decide, batches ride along."""
+
+from omnitalk.engine.speech.policy import SAMPLE_RATE, Candidate, PlaybackClock, Work, choose
+
+
+def test_deadline_is_arrival_until_first_audio_then_when_the_sent_audio_runs_out():
+    clock = PlaybackClock(arrived_at=10.0)
+    assert clock.deadline() == 10.0
+    clock.sent(SAMPLE_RATE // 2, now=11.0)
+    clock.sent(SAMPLE_RATE, now=11.2)
+    assert clock.deadline() == 11.0 + 1.5
+
+
+def test_the_most_urgent_stream_picks_its_bottleneck_and_others_ready_for_it_ride_along():
+    candidates = [
+        Candidate("relaxed", deadline=5.0, talker_ready=True, code2wav_ready=True),
+        Candidate("urgent", deadline=1.0, talker_ready=False, code2wav_ready=True),
+        Candidate("talking", deadline=2.0, talker_ready=True, code2wav_ready=False),
+    ]
+    assert choose(candidates, max_batch=8) == (Work.CODE2WAV, ["urgent", "relaxed"])
+
+
+def test_a_stream_waiting_for_codes_gets_a_talker_step_for_everyone_ready():
+    candidates = [
+        Candidate("a", deadline=1.0, talker_ready=True, code2wav_ready=False),
+        Candidate("b", deadline=3.0, talker_ready=True, code2wav_ready=True),
+        Candidate("c", deadline=2.0, talker_ready=True, code2wav_ready=False),
+    ]
+    assert choose(candidates, max_batch=2) == (Work.TALKER_STEP, ["a", "c"])
+
+
+def test_streams_that_cannot_progress_are_skipped_and_idle_is_none():
+    waiting = Candidate("waiting-for-thinker", deadline=0.0, talker_ready=False, code2wav_ready=False)
+    assert choose([waiting], max_batch=4) is None
+    later = Candidate("b", deadline=9.0, talker_ready=True, code2wav_ready=False)
+    assert choose([waiting, later], max_batch=4) == (Work.TALKER_STEP, ["b"])
+
+
+def test_no_stream_starves_under_a_stream_of_newcomers():
+    """A stream with audio buffered far ahead still runs once the others' deadlines pass it."""
+    clock = PlaybackClock(arrived_at=0.0)
+    clock.sent(SAMPLE_RATE * 2, now=0.5)  # 2 s buffered: deadline 2.5
+    old = Candidate("old", clock.deadline(), talker_ready=False, code2wav_ready=True)
+    newcomers = [Candidate(f"new{i}", 2.6 + i, talker_ready=True, code2wav_ready=False) for i in range(3)]
+    assert choose([*newcomers, old], max_batch=8) == (Work.CODE2WAV, ["old"])
