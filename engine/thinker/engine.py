@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import zmq
 import zmq.asyncio
 from vllm.exceptions import VLLMClientError
@@ -44,6 +45,11 @@ class ThinkerInputError(ValueError):
 @dataclass(frozen=True, slots=True)
 class _Failed:
     error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class _Positions:
+    positions: torch.Tensor
 
 
 class ThinkerEngine:
@@ -143,28 +149,37 @@ class ThinkerEngine:
 
     async def _receive_rows(self) -> None:
         while True:
-            frames = await self._socket.recv_multipart()
-            for span, rows in wire.decode(frames):
-                queue = self._streams.get(span.stream_id)
+            spans, prompts = wire.decode(await self._socket.recv_multipart())
+            items = [(k, _Positions(p)) for k, p in prompts.items()]
+            items += [(span.stream_id, HiddenStates(span.first_position, rows)) for span, rows in spans]
+            for stream_id, item in items:
+                queue = self._streams.get(stream_id)
                 if queue is None:
                     continue  # aborted or finished: late rows are dropped
                 try:
-                    queue.put_nowait(HiddenStates(span.first_position, rows))
+                    queue.put_nowait(item)
                 except asyncio.QueueFull:
-                    log.error("hidden-state queue of %s overflowed; closing it", span.stream_id)
-                    self._streams.pop(span.stream_id, None)
+                    log.error("hidden-state queue of %s overflowed; closing it", stream_id)
+                    self._streams.pop(stream_id, None)
 
 
 async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[ThinkerEvent]:
-    """ThinkerStart first; rows once per position, in order; ThinkerDone last, after every row is out."""
+    """ThinkerStart first (with the prompt's positions when rows are wanted); rows once per position, in
+    order; ThinkerDone last, after every row is out. Rows and positions travel on another socket than
+    the tokens, so either may come first: everything waits until the start can be announced."""
+    start: ThinkerStart | None = None
+    positions: torch.Tensor | None = None
+    announced = False
+    held: list[ThinkerEvent] = []
     next_position = 0
-    held: list[HiddenStates] | None = []  # rows can overtake ThinkerStart: they travel on another socket
     done: ThinkerDone | None = None
     while done is None or (with_rows and next_position < done.num_prompt_tokens + done.num_generated_tokens - 1):
         event = await queue.get()
         match event:
             case _Failed():
                 raise event.error
+            case _Positions():
+                positions = event.positions
             case HiddenStates():
                 skip = next_position - event.first_position  # recompute after preemption re-sends positions
                 if skip >= len(event.rows):
@@ -172,19 +187,20 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
                 if skip > 0:
                     event = HiddenStates(next_position, event.rows[skip:])
                 next_position = event.first_position + len(event.rows)
-                if held is not None:
-                    held.append(event)
-                else:
-                    yield event
+                held.append(event)
             case ThinkerStart():
-                yield event
-                for rows in held or ():
-                    yield rows
-                held = None
+                start = event
             case ThinkerDone():
                 done = event
             case _:
-                yield event
+                held.append(event)
+        if not announced and start is not None and (positions is not None or not with_rows):
+            yield ThinkerStart(start.prompt_token_ids, positions)
+            announced = True
+        if announced:
+            for item in held:
+                yield item
+            held.clear()
     yield done
 
 

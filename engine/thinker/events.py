@@ -10,6 +10,9 @@ import torch
 @dataclass(frozen=True, slots=True)
 class ThinkerStart:
     prompt_token_ids: list[int]
+    # The TMRoPE positions [3, L] the thinker gave the prompt (requests with hidden states only); the
+    # talker's own positions continue from them.
+    positions: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,30 +17,43 @@ class RowSpan(msgspec.Struct, array_like=True, frozen=True):
     num_rows: int
 
 
+class PromptPositions(msgspec.Struct, array_like=True, frozen=True):
+    """The TMRoPE positions the thinker gave a prompt, [3, L] flattened: the talker continues from them."""
+
+    stream_id: str
+    flat: list[int]
+
+
 class RowBatch(msgspec.Struct, array_like=True, frozen=True):
-    """One engine step's rows of every tapped request, in the order of the payload."""
+    """One engine step's rows of every tapped request, in the order of the payload, and the positions of
+    prompts whose prefill starts in this step."""
 
     dtype: str
     hidden_size: int
     spans: list[RowSpan]
+    prompts: list[PromptPositions] = []
 
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(RowBatch)
 
 
-def encode(spans: list[RowSpan], rows: torch.Tensor) -> list[bytes | memoryview]:
+def encode(
+    spans: list[RowSpan], rows: torch.Tensor, prompts: list[PromptPositions] | None = None
+) -> list[bytes | memoryview]:
     """Two frames: the header and the rows' bytes (rows on CPU, contiguous, [sum(num_rows), hidden])."""
-    header = RowBatch(str(rows.dtype).removeprefix("torch."), rows.shape[-1], spans)
+    header = RowBatch(str(rows.dtype).removeprefix("torch."), rows.shape[-1], spans, prompts or [])
     return [_encoder.encode(header), memoryview(rows.view(torch.uint8).numpy()).cast("B")]
 
 
-def decode(frames: list[bytes]) -> list[tuple[RowSpan, torch.Tensor]]:
+def decode(frames: list[bytes]) -> tuple[list[tuple[RowSpan, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The rows of each span, and the positions [3, L] of each prompt announced in this step."""
     header = _decoder.decode(frames[0])
     dtype = getattr(torch, header.dtype)
     rows = torch.frombuffer(bytearray(frames[1]), dtype=dtype).view(-1, header.hidden_size)
-    out, offset = [], 0
+    spans, offset = [], 0
     for span in header.spans:
-        out.append((span, rows[offset : offset + span.num_rows]))
+        spans.append((span, rows[offset : offset + span.num_rows]))
         offset += span.num_rows
-    return out
+    prompts = {p.stream_id: torch.tensor(p.flat, dtype=torch.long).view(3, -1) for p in header.prompts}
+    return spans, prompts

@@ -62,16 +62,19 @@ class HiddenStateWorker(_platform_worker()):
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         starts = runner.query_start_loc.np[: num_reqs + 1]
-        spans, pieces = [], []
+        spans, pieces, prompts = [], [], []
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            extra = runner.requests[req_id].sampling_params.extra_args or {}
-            stream_id = extra.get(wire.TAP_KEY)
+            request = runner.requests[req_id]
+            stream_id = (request.sampling_params.extra_args or {}).get(wire.TAP_KEY)
             if stream_id is None:
                 continue
             begin, end = int(starts[i]), int(starts[i + 1])
             first_position = int(batch.num_computed_tokens_cpu[i])
             spans.append(wire.RowSpan(stream_id, first_position, end - begin))
             pieces.append(state.hidden_states[begin:end])
+            if first_position == 0 and request.mrope_positions is not None:
+                positions = request.mrope_positions[:, : len(request.prompt_token_ids or ())]
+                prompts.append(wire.PromptPositions(stream_id, positions.flatten().tolist()))
         if spans:
             rows = torch.cat(pieces).to("cpu", non_blocking=False).contiguous()
-            self._socket.send_multipart(wire.encode(spans, rows), copy=False)
+            self._socket.send_multipart(wire.encode(spans, rows, prompts), copy=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omnitalk.engine.thinker import rows as wire
-from omnitalk.engine.thinker.engine import _Failed, _ordered
+from omnitalk.engine.thinker.engine import _Failed, _ordered, _Positions
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
 
 
@@ -16,11 +16,15 @@ from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerSta
 def test_wire_round_trip_keeps_spans_and_exact_values(dtype):
     rows = torch.randn(7, 48).to(dtype)
     spans = [wire.RowSpan("a", 0, 4), wire.RowSpan("b", 12, 3)]
-    frames = [bytes(frame) for frame in wire.encode(spans, rows)]
-    decoded = wire.decode(frames)
+    positions = torch.arange(12).view(3, 4)
+    frames = [
+        bytes(frame) for frame in wire.encode(spans, rows, [wire.PromptPositions("a", positions.flatten().tolist())])
+    ]
+    decoded, prompts = wire.decode(frames)
     assert [span for span, _ in decoded] == spans
     assert torch.equal(torch.cat([r for _, r in decoded]), rows)
     assert decoded[0][1].dtype == dtype
+    assert torch.equal(prompts["a"], positions)
 
 
 async def drain(events: list) -> list:
@@ -35,19 +39,30 @@ def rows(first: int, n: int) -> HiddenStates:
 
 
 async def test_rows_that_overtake_the_start_wait_for_it_and_done_waits_for_the_last_row():
-    start, text, done = ThinkerStart([1, 2, 3]), ThinkerText([9], "x"), ThinkerDone("stop", 3, 2)
-    out = await drain([rows(0, 2), start, rows(2, 1), text, done, rows(3, 1)])
-    assert out[0] is start and out[-1] is done
+    positions = torch.arange(9).view(3, 3)
+    text, done = ThinkerText([9], "x"), ThinkerDone("stop", 3, 2)
+    out = await drain([_Positions(positions), rows(0, 2), ThinkerStart([1, 2, 3]), rows(2, 1), text, done, rows(3, 1)])
+    assert out[0] == ThinkerStart([1, 2, 3], positions) and out[-1] is done
     spans = [(e.first_position, len(e.rows)) for e in out if isinstance(e, HiddenStates)]
     assert spans == [(0, 2), (2, 1), (3, 1)]  # L + N - 1 = 4 rows, then done
 
 
+async def test_the_start_waits_for_the_prompt_positions_when_rows_are_wanted():
+    positions = torch.zeros(3, 1, dtype=torch.long)
+    out = await drain(
+        [ThinkerStart([1]), ThinkerText([5], "a"), _Positions(positions), rows(0, 1), ThinkerDone("stop", 1, 1)]
+    )
+    assert isinstance(out[0], ThinkerStart) and out[0].positions is positions
+    assert isinstance(out[1], ThinkerText)
+
+
 async def test_positions_sent_again_after_preemption_are_delivered_once():
-    out = await drain([ThinkerStart([1, 2, 3, 4]), rows(0, 3), rows(0, 5), rows(5, 1), ThinkerDone("stop", 4, 3)])
+    events = [_Positions(torch.zeros(3, 4)), ThinkerStart([1, 2, 3, 4]), rows(0, 3), rows(0, 5), rows(5, 1)]
+    out = await drain([*events, ThinkerDone("stop", 4, 3)])
     spans = [(e.first_position, e.rows[:, 0].tolist()) for e in out if isinstance(e, HiddenStates)]
     assert spans == [(0, [0.0, 1.0, 2.0]), (3, [3.0, 4.0]), (5, [5.0])]
 
 
 async def test_a_failure_reaches_the_consumer():
     with pytest.raises(RuntimeError, match="boom"):
-        await drain([ThinkerStart([1]), _Failed(RuntimeError("boom"))])
+        await drain([_Positions(torch.zeros(3, 1)), ThinkerStart([1]), _Failed(RuntimeError("boom"))])

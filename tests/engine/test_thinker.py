@@ -1,4 +1,4 @@
-"""The thinker engine on vLLM against transformers: greedy tokens, streamed hidden states, abort, bad input."""
+"""The thinker engine on vLLM against transformers: tokens, positions, streamed hidden states, abort, bad input."""
 
 from __future__ import annotations
 
@@ -37,7 +37,22 @@ async def collect(engine: ThinkerEngine, req: ThinkerRequest):
     return events[0].prompt_token_ids, generated, rows, events
 
 
-def assert_matches_reference(reference: Reference, case, prompt_ids, generated, rows):
+def reference_positions(reference: Reference, inputs, use_audio_in_video: bool) -> torch.Tensor:
+    """transformers' TMRoPE positions [3, L] of the prompt."""
+    mask = inputs.get("feature_attention_mask")
+    positions, _ = reference.model.thinker.get_rope_index(
+        inputs["input_ids"],
+        inputs.get("image_grid_thw"),
+        inputs.get("video_grid_thw"),
+        inputs["attention_mask"],
+        use_audio_in_video,
+        mask.sum(-1) if mask is not None else None,
+        inputs.get("video_second_per_grid"),
+    )
+    return positions[:, 0]
+
+
+def assert_matches_reference(reference: Reference, case, prompt_ids, generated, rows, positions=None):
     clips = [p.samples for m in case.messages for p in m.content if isinstance(p, Audio)]
     clips += [p.audio for m in case.messages for p in m.content if isinstance(p, Video) and case.use_audio_in_video]
     inputs = reference.prompt_inputs(
@@ -50,6 +65,8 @@ def assert_matches_reference(reference: Reference, case, prompt_ids, generated, 
     )
     assert prompt_ids == expected.prompt_ids
     assert generated == expected.thinker_tokens
+    if positions is not None:
+        assert torch.equal(positions, reference_positions(reference, inputs, case.use_audio_in_video))
     assert rows.shape == expected.hidden_states.shape  # L + N - 1 rows: the last token is never fed back
     assert (rows - expected.hidden_states).abs().max().item() < HIDDEN_TOLERANCE
 
@@ -57,10 +74,10 @@ def assert_matches_reference(reference: Reference, case, prompt_ids, generated, 
 @pytest.mark.parametrize("name", sorted(CASES))
 async def test_tokens_and_hidden_states_equal_transformers(thinker, reference, name):
     case = CASES[name]
-    prompt_ids, generated, rows, _ = await collect(
+    prompt_ids, generated, rows, events = await collect(
         thinker, request(f"parity-{name}", case.messages, use_audio_in_video=case.use_audio_in_video)
     )
-    assert_matches_reference(reference, case, prompt_ids, generated, rows)
+    assert_matches_reference(reference, case, prompt_ids, generated, rows, positions=events[0].positions)
 
 
 async def test_concurrent_requests_of_different_lengths_stream_exact_rows(thinker, reference):
