@@ -10,6 +10,8 @@ import pytest_asyncio
 import torch
 from oracle import Reference
 
+from omnitalk.engine.omni import OmniEngine
+from omnitalk.engine.speech.engine import SpeechEngine
 from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
 from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
@@ -43,3 +45,16 @@ async def thinker(tiny_dir: Path) -> AsyncIterator[ThinkerEngine]:
     engine = ThinkerEngine(config)
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def speech(tiny_dir: Path) -> Iterator[SpeechEngine]:
+    engine = SpeechEngine.from_checkpoint(tiny_dir, max_batch=8)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def omni(thinker: ThinkerEngine, speech: SpeechEngine) -> OmniEngine:
+    """The whole engine (thinker on vLLM, talker, Code2Wav) on the tiny checkpoint."""
+    return OmniEngine(thinker, speech)

@@ -1,0 +1,116 @@
+"""BigVGAN vocoder of Code2Wav: log-mel [B, T, 80] -> 24 kHz waveform [B, T * 240] in [-1, 1]."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
+    """A Kaiser-windowed sinc low-pass filter [1, 1, kernel_size] summing to 1 (as in BigVGAN)."""
+    half = kernel_size // 2
+    attenuation = 2.285 * (half - 1) * math.pi * 4 * half_width + 7.95
+    if attenuation > 50.0:
+        beta = 0.1102 * (attenuation - 8.7)
+    elif attenuation >= 21.0:
+        beta = 0.5842 * (attenuation - 21) ** 0.4 + 0.07886 * (attenuation - 21.0)
+    else:
+        beta = 0.0
+    window = torch.kaiser_window(kernel_size, beta=beta, periodic=False, dtype=torch.float32)
+    times = torch.arange(-half, half) + 0.5 if kernel_size % 2 == 0 else torch.arange(kernel_size) - half
+    taps = 2 * cutoff * window * torch.sinc(2 * cutoff * times)
+    return (taps / taps.sum()).view(1, 1, kernel_size)
+
+
+class SnakeBeta(nn.Module):
+    """x + sin^2(alpha x) / beta, with log-scale per-channel alpha and beta."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.exp(self.alpha)[None, :, None]
+        beta = torch.exp(self.beta)[None, :, None]
+        return x + (1.0 / (beta + 1e-9)) * torch.pow(torch.sin(x * alpha), 2)
+
+
+class AntiAliasedSnake(nn.Module):
+    """SnakeBeta at twice the sample rate: 2x sinc upsample, activation, 2x sinc downsample (12 taps each)."""
+
+    def __init__(self, channels: int, taps: int = 12) -> None:
+        super().__init__()
+        self.act = SnakeBeta(channels)
+        self.taps = taps
+        self.register_buffer("filter", kaiser_sinc_filter(0.25, 0.3, taps), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels, taps = x.shape[1], self.taps
+        weight = self.filter.expand(channels, -1, -1)
+        pad = taps // 2 - 1
+        crop = pad * 2 + (taps - 2) // 2
+        up = 2 * F.conv_transpose1d(F.pad(x, (pad, pad), mode="replicate"), weight, stride=2, groups=channels)
+        up = self.act(up[..., crop : up.shape[-1] - crop])
+        down = F.pad(up, (taps // 2 - 1, taps // 2), mode="replicate")
+        return F.conv1d(down, weight, stride=2, groups=channels)
+
+
+class AMPBlock(nn.Module):
+    def __init__(self, channels: int, kernel_size: int, dilations: list[int]) -> None:
+        super().__init__()
+
+        def conv(dilation: int) -> nn.Conv1d:
+            return nn.Conv1d(
+                channels, channels, kernel_size, dilation=dilation, padding=(kernel_size - 1) * dilation // 2
+            )
+
+        self.convs1 = nn.ModuleList(conv(d) for d in dilations)
+        self.convs2 = nn.ModuleList(conv(1) for _ in dilations)
+        self.activations = nn.ModuleList(AntiAliasedSnake(channels) for _ in range(2 * len(dilations)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acts = self.activations
+        for conv1, conv2, act1, act2 in zip(self.convs1, self.convs2, acts[::2], acts[1::2], strict=True):
+            x = x + conv2(act2(conv1(act1(x))))
+        return x
+
+
+class BigVGAN(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        width = cfg["upsample_initial_channel"]
+        kernels, dilations = cfg["resblock_kernel_sizes"], cfg["resblock_dilation_sizes"]
+        self.num_kernels = len(kernels)
+        self.conv_pre = nn.Conv1d(cfg["mel_dim"], width, 7, padding=3)
+        self.ups = nn.ModuleList()
+        self.resblocks = nn.ModuleList()
+        for i, (stride, kernel) in enumerate(zip(cfg["upsample_rates"], cfg["upsample_kernel_sizes"], strict=True)):
+            channels = width // 2 ** (i + 1)
+            up = nn.ConvTranspose1d(width // 2**i, channels, kernel, stride, padding=(kernel - stride) // 2)
+            self.ups.append(nn.ModuleList([up]))
+            self.resblocks.extend(AMPBlock(channels, k, d) for k, d in zip(kernels, dilations, strict=True))
+        self.activation_post = AntiAliasedSnake(channels)
+        self.conv_post = nn.Conv1d(channels, 1, 7, padding=3, bias=False)
+        self.hop = math.prod(cfg["upsample_rates"])
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel [B, T, mel_dim] (natural-log amplitude) -> waveform [B, T * hop]."""
+        x = self.conv_pre(_normalize(mel.transpose(1, 2)))
+        for i, (up,) in enumerate(self.ups):
+            x = up(x)
+            blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
+            x = sum(block(x) for block in blocks) / self.num_kernels
+        x = self.conv_post(self.activation_post(x))
+        return torch.clamp(x, -1.0, 1.0).squeeze(1)
+
+
+def _normalize(mel: torch.Tensor, min_db: float = -115.0) -> torch.Tensor:
+    """log amplitude -> dB floored at min_db, minus 20 dB -> [-1, 1]."""
+    floor = torch.exp(torch.tensor(min_db / 20.0 * math.log(10), device=mel.device, dtype=mel.dtype))
+    db = 20 * torch.log10(torch.clamp(torch.exp(mel), min=floor)) - 20
+    return torch.clamp(2 * ((db - min_db) / (-min_db)) - 1, -1.0, 1.0)

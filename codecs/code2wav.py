@@ -1,0 +1,247 @@
+"""Code2Wav: codec codes -> 24 kHz speech, one-shot or streamed chunk by chunk for a batch of streams."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from omnitalk.codecs.bigvgan import BigVGAN
+from omnitalk.codecs.dit import DiT, DiTInputs
+from omnitalk.codecs.streaming import (
+    MEL_PER_CODE,
+    SOLVERS,
+    ChunkPlan,
+    Code2WavStream,
+    NoiseBuffer,
+    StreamingConfig,
+    advance,
+    plan_next,
+)
+
+DIT_PREFIX = "token2wav.code2wav_dit_model."
+VOCODER_PREFIX = "token2wav.code2wav_bigvgan_model."
+# transformers' Qwen2_5OmniDiTConfig / Qwen2_5OmniBigVGANConfig defaults, for keys a config.json leaves out.
+DIT_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 1024, "num_hidden_layers": 22, "num_attention_heads": 16, "ff_mult": 2, "emb_dim": 512,
+    "head_dim": 64, "block_size": 24, "look_ahead_layers": [10], "look_backward_layers": [0, 20], "repeats": 2,
+    "num_embeds": 8193, "mel_dim": 80, "enc_emb_dim": 192, "enc_dim": 128, "enc_channels": [256, 256, 256, 256, 768],
+    "enc_kernel_sizes": [5, 3, 3, 3, 1], "enc_dilations": [1, 2, 3, 4, 1], "enc_attention_channels": 64,
+    "enc_res2net_scale": 2, "enc_se_channels": 64,
+}  # fmt: skip
+VOCODER_DEFAULTS: dict[str, Any] = {
+    "mel_dim": 80, "upsample_initial_channel": 1536, "resblock_kernel_sizes": [3, 7, 11],
+    "resblock_dilation_sizes": [[1, 3, 5]] * 3, "upsample_rates": [5, 3, 2, 2, 2, 2],
+    "upsample_kernel_sizes": [11, 7, 4, 4, 4, 4],
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Speaker:
+    cond: torch.Tensor  # [1, enc_emb_dim] x-vector
+    spk: torch.Tensor  # [1, enc_dim] ECAPA of the speaker's reference mel
+    null_spk: torch.Tensor  # [1, enc_dim] ECAPA of a zero mel of the same shape (the unconditional branch)
+
+
+class Code2Wav:
+    """The DiT and vocoder (fp32) with the speakers' cached conditioning. Not thread-safe."""
+
+    def __init__(
+        self, dit: DiT, vocoder: BigVGAN, speakers: dict[str, Speaker], config: StreamingConfig | None = None
+    ) -> None:
+        self.dit, self.vocoder, self.speakers = dit.eval(), vocoder.eval(), speakers
+        self.config = config or StreamingConfig()
+        self.config.check_blocks(dit.block_size)
+        self.device = next(dit.parameters()).device
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", config: StreamingConfig | None = None
+    ) -> Code2Wav:
+        """Loads `token2wav.*` weights and `spk_dict.pt` from a Hugging Face Qwen2.5-Omni checkpoint folder."""
+        path = Path(path)
+        token2wav = json.loads((path / "config.json").read_text())["token2wav_config"]
+        dit_cfg = {**DIT_DEFAULTS, **token2wav.get("dit_config", {})}
+        dit_cfg.setdefault("rope_parameters", {"rope_theta": dit_cfg.get("rope_theta", 10000.0)})
+        dit, vocoder = DiT(dit_cfg), BigVGAN({**VOCODER_DEFAULTS, **token2wav.get("bigvgan_config", {})})
+        weights = _load_weights(path, "token2wav.")
+        dit.load_state_dict(_strip(weights, DIT_PREFIX))
+        vocoder.load_state_dict(_strip(weights, VOCODER_PREFIX))
+        dit, vocoder = dit.to(device), vocoder.to(device)
+        speakers = {}
+        with torch.no_grad():
+            for name, entry in torch.load(path / "spk_dict.pt", map_location="cpu", weights_only=True).items():
+                ref_mel = entry["ref_mel"].float().to(device)
+                speakers[name] = Speaker(
+                    cond=entry["cond"].float().to(device).reshape(1, -1),
+                    spk=dit.speaker_vector(ref_mel),
+                    null_spk=dit.speaker_vector(torch.zeros_like(ref_mel)),
+                )
+        return cls(dit, vocoder, speakers, config)
+
+    def with_config(self, config: StreamingConfig) -> Code2Wav:
+        """The same weights and speakers under other windows or ODE settings."""
+        return Code2Wav(self.dit, self.vocoder, self.speakers, config)
+
+    def new_stream(self, speaker: str, seed: int = 0) -> Code2WavStream:
+        self._speaker(speaker)
+        return Code2WavStream(speaker=speaker, seed=seed, noise=NoiseBuffer(seed, self.dit.mel_dim))
+
+    def ready(self, stream: Code2WavStream) -> bool:
+        """Whether `decode` would emit audio for the stream now."""
+        return plan_next(stream, self.config) is not None
+
+    @torch.no_grad()
+    def one_shot(
+        self,
+        codes: Sequence[int] | torch.Tensor,
+        speaker: str,
+        noise: torch.Tensor | None = None,
+        seed: int = 0,
+        solver: str | None = None,
+        num_steps: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All codes at once, as transformers' token2wav: (mel [2n, 80], waveform [n * 480]) on CPU.
+
+        `noise` [1, >= 2n, 80] is the DiT's initial state; without it, the same noise a stream with `seed` uses.
+        """
+        self._speaker(speaker)
+        codes = torch.as_tensor(codes, dtype=torch.long).reshape(1, -1).to(self.device)
+        frames = codes.shape[1] * MEL_PER_CODE
+        if frames == 0:
+            return torch.zeros(0, self.dit.mel_dim), torch.zeros(0)
+        x0 = NoiseBuffer(seed, self.dit.mel_dim).take(0, frames)[None] if noise is None else noise[:, :frames]
+        mel = self._sample(codes, [frames], [speaker], x0.float().to(self.device), solver, num_steps)
+        return mel[0].cpu(), self.vocoder(mel)[0].cpu()
+
+    @torch.no_grad()
+    def decode(self, streams: Sequence[Code2WavStream]) -> list[np.ndarray]:
+        """The next audio chunk (float32, 24 kHz) of each stream, decoded as one batch; empty if not ready."""
+        if len({id(stream) for stream in streams}) < len(streams):
+            raise ValueError("a stream is listed twice")
+        plans = [plan_next(stream, self.config) for stream in streams]
+        rows = [i for i, plan in enumerate(plans) if plan is not None]
+        audio = [np.zeros(0, dtype=np.float32) for _ in streams]
+        if not rows:
+            return audio
+        active = [(streams[i], plans[i]) for i in rows]
+        mels = self._decode_mel(active)
+        inputs = [
+            mel if s.mel_tail is None else torch.cat([s.mel_tail, mel])
+            for (s, _), mel in zip(active, mels, strict=True)
+        ]
+        for i, (stream, plan), mel, wav in zip(rows, active, mels, self._vocode(inputs), strict=True):
+            chunk = wav[plan.trim_left : wav.shape[0] - plan.trim_right]
+            advance(stream, plan, mel, chunk.shape[0], self.config)
+            audio[i] = chunk.cpu().numpy()
+        return audio
+
+    def _decode_mel(self, active: list[tuple[Code2WavStream, ChunkPlan]]) -> list[torch.Tensor]:
+        """One padded DiT solve over the streams' windows -> each stream's new mel [n, 80]."""
+        lengths = [plan.window_end - plan.window_start for _, plan in active]
+        width = max(lengths)
+        x0 = torch.zeros(len(active), width, self.dit.mel_dim)
+        codes = torch.zeros(len(active), width // MEL_PER_CODE, dtype=torch.long)
+        for row, (stream, plan) in enumerate(active):
+            x0[row, : lengths[row]] = stream.noise.take(plan.window_start, plan.window_end)
+            window_codes = stream.codes[plan.window_start // MEL_PER_CODE : plan.window_end // MEL_PER_CODE]
+            codes[row, : len(window_codes)] = torch.tensor(window_codes, dtype=torch.long)
+        speakers = [stream.speaker for stream, _ in active]
+        mel = self._sample(codes.to(self.device), lengths, speakers, x0.to(self.device), None, None)
+        return [
+            mel[row, plan.emit_start - plan.window_start : plan.emit_end - plan.window_start]
+            for row, (_, plan) in enumerate(active)
+        ]
+
+    def _vocode(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """BigVGAN on each mel; equal lengths share a batch (padding would change the samples near the end)."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, mel in enumerate(mels):
+            groups[mel.shape[0]].append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(mels)
+        for indices in groups.values():
+            wavs = self.vocoder(torch.stack([mels[i] for i in indices]))
+            for i, wav in zip(indices, wavs, strict=True):
+                out[i] = wav
+        return out
+
+    def _sample(
+        self,
+        codes: torch.Tensor,
+        lengths: list[int],
+        speakers: list[str],
+        x0: torch.Tensor,
+        solver: str | None,
+        num_steps: int | None,
+    ) -> torch.Tensor:
+        """Solves the flow ODE from x0 [B, L, 80] at t = 0 to the mel at t = 1 (as transformers' DiT sample)."""
+        cfg = self.config
+        entries = [self.speakers[name] for name in speakers]
+        guided = cfg.guidance_scale >= 1e-5  # transformers skips the unconditional branch below this
+        inputs: DiTInputs = self.dit.prepare(
+            codes,
+            torch.cat([e.spk for e in entries]),
+            torch.cat([e.cond for e in entries]),
+            lengths,
+            torch.cat([e.null_spk for e in entries]) if guided else None,
+        )
+        times = torch.linspace(0, 1, num_steps or cfg.num_steps, device=self.device, dtype=torch.float32)
+        times = times + cfg.sway_coefficient * (torch.cos(torch.pi / 2 * times) - 1 + times)
+
+        def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return self.dit.velocity(x, t, inputs, cfg.guidance_scale)
+
+        return integrate(velocity, x0, times, solver or cfg.solver)
+
+    def _speaker(self, name: str) -> Speaker:
+        if name not in self.speakers:
+            raise ValueError(f"unknown speaker {name!r}; known: {sorted(self.speakers)}")
+        return self.speakers[name]
+
+
+def integrate(
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, times: torch.Tensor, solver: str
+) -> torch.Tensor:
+    """x at times[-1]: fixed-grid Euler, or RK4 with the 3/8 rule (torchdiffeq's "rk4", transformers' solver)."""
+    if solver not in SOLVERS or len(times) < 2:
+        raise ValueError(f"need a solver in {SOLVERS} and at least 2 time points, got {solver!r}, {len(times)}")
+    for t0, t1 in itertools.pairwise(times):
+        dt = t1 - t0
+        if solver == "euler":
+            x = x + dt * f(t0, x)
+            continue
+        k1 = f(t0, x)
+        k2 = f(t0 + dt * (1 / 3), x + dt * k1 * (1 / 3))
+        k3 = f(t0 + dt * (2 / 3), x + dt * (k2 - k1 * (1 / 3)))
+        k4 = f(t1, x + dt * (k1 - k2 + k3))
+        x = x + (k1 + 3 * (k2 + k3) + k4) * dt / 8
+    return x
+
+
+def _load_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """fp32 tensors whose names start with `prefix`, from the shards the index lists (or every shard)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for name, f in weight_map.items() if name.startswith(prefix)})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    weights = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                if name.startswith(prefix):
+                    weights[name] = handle.get_tensor(name).float()
+    return weights
+
+
+def _strip(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(prefix): t for name, t in weights.items() if name.startswith(prefix)}

@@ -1,0 +1,216 @@
+"""Code2Wav's flow-matching DiT: codec codes + speaker -> mel velocity, with block-local attention and CFG."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnitalk.codecs.ecapa import ECAPA
+
+
+@dataclass(slots=True)
+class DiTInputs:
+    """Everything but x_t and t, built once per ODE solve. Rows: conditional streams, then unconditional."""
+
+    context: torch.Tensor  # [2B, L, enc_dim + emb_dim + enc_emb_dim], concatenated after x_t
+    masks: list[torch.Tensor]  # per layer, bool [2B or 1, 1, L, L]: which keys each query may see
+    cos: torch.Tensor  # [L, head_dim] RoPE of positions 0..L-1 (window-relative)
+    sin: torch.Tensor
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
+        angles = 1000 * t.reshape(-1, 1) * freqs.unsqueeze(0)
+        return self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1).to(t.dtype))
+
+
+class CodecEmbedding(nn.Module):
+    def __init__(self, num_embeds: int, dim: int) -> None:
+        super().__init__()
+        self.codec_embed = nn.Embedding(num_embeds + 1, dim)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        width = cfg["mel_dim"] + cfg["enc_dim"] + cfg["enc_emb_dim"] + cfg["emb_dim"]
+        self.proj = nn.Linear(width, cfg["hidden_size"])
+        self.spk_encoder = ECAPA(cfg)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(dim, heads * head_dim)
+        self.to_k = nn.Linear(dim, heads * head_dim)
+        self.to_v = nn.Linear(dim, heads * head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, frames, _ = x.shape
+        q, k, v = (
+            p(x).view(batch, frames, self.heads, self.head_dim).transpose(1, 2)
+            for p in (self.to_q, self.to_k, self.to_v)
+        )
+        # The checkpoint was trained with interleaved RoPE on head 0 only. Rotating the de-interleaved
+        # head gives the same q.k (both sides are permuted alike), as transformers does.
+        q = torch.cat([_rope(q[:, :1], cos, sin), q[:, 1:]], dim=1)
+        k = torch.cat([_rope(k[:, :1], cos, sin), k[:, 1:]], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out[0](out.transpose(1, 2).reshape(batch, frames, -1))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class AdaNorm(nn.Module):
+    """LayerNorm without affine whose shift/scale (and gates) come from the time embedding."""
+
+    def __init__(self, dim: int, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(dim, dim * chunks)
+
+    def forward(self, t_emb: torch.Tensor) -> list[torch.Tensor]:
+        return [c.unsqueeze(1) for c in torch.chunk(self.linear(F.silu(t_emb)), self.chunks, dim=1)]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(
+            nn.Linear(dim, dim * mult), nn.GELU(approximate="tanh"), nn.Identity(), nn.Linear(dim * mult, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ff(x)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: dict[str, Any], look_back: int, look_ahead: int) -> None:
+        super().__init__()
+        dim = cfg["hidden_size"]
+        self.look_back, self.look_ahead = look_back, look_ahead
+        self.attn_norm = AdaNorm(dim, 6)
+        self.attn = Attention(dim, cfg["num_attention_heads"], cfg["head_dim"])
+        self.ff = FeedForward(dim, cfg["ff_mult"])
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, inputs: DiTInputs, mask: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t_emb)
+        norm = _layer_norm(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * self.attn(norm, inputs.cos, inputs.sin, mask)
+        norm = _layer_norm(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * self.ff(norm)
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.block_size, self.repeats, self.num_embeds = cfg["block_size"], cfg["repeats"], cfg["num_embeds"]
+        self.mel_dim = cfg["mel_dim"]
+        self.time_embed = TimestepEmbedding(cfg["hidden_size"])
+        self.text_embed = CodecEmbedding(cfg["num_embeds"], cfg["emb_dim"])
+        self.input_embed = InputEmbedding(cfg)
+        back, ahead = set(cfg["look_backward_layers"]), set(cfg["look_ahead_layers"])
+        self.transformer_blocks = nn.ModuleList(
+            DiTBlock(cfg, int(i in back), int(i in ahead)) for i in range(cfg["num_hidden_layers"])
+        )
+        self.norm_out = AdaNorm(cfg["hidden_size"], 2)
+        self.proj_out = nn.Linear(cfg["hidden_size"], cfg["mel_dim"])
+        head_dim, theta = cfg["head_dim"], cfg["rope_parameters"]["rope_theta"]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def speaker_vector(self, ref_mel: torch.Tensor) -> torch.Tensor:
+        """ECAPA embedding of a reference mel [B, T, 80] -> [B, enc_dim] (cache it per speaker)."""
+        return self.input_embed.spk_encoder(ref_mel)
+
+    def prepare(
+        self,
+        codes: torch.Tensor,
+        spk: torch.Tensor,
+        cond: torch.Tensor,
+        lengths: list[int],
+        uncond_spk: torch.Tensor | None,
+    ) -> DiTInputs:
+        """codes [B, L / repeats] (padded), spk [B, enc_dim], cond [B, enc_emb_dim], lengths: valid mel frames.
+
+        With `uncond_spk` (ECAPA of a zero ref mel) the rows are doubled for classifier-free guidance:
+        the unconditional half has code 0, zero x-vector and that speaker vector.
+        """
+        # The table has num_embeds + 1 rows. Like Qwen's fork, codes beyond it (talker specials) become 0;
+        # transformers does not clamp and would index out of range.
+        codes = torch.where(codes > self.num_embeds, torch.zeros_like(codes), codes)
+        if uncond_spk is not None:
+            codes = torch.cat([codes, torch.zeros_like(codes)])
+            spk = torch.cat([spk, uncond_spk])
+            cond = torch.cat([cond, torch.zeros_like(cond)])
+        code_emb = self.text_embed.codec_embed(codes).repeat_interleave(self.repeats, dim=1)
+        frames = code_emb.shape[1]
+        context = torch.cat(
+            [spk.unsqueeze(1).expand(-1, frames, -1), code_emb, cond.unsqueeze(1).expand(-1, frames, -1)], dim=-1
+        )
+        positions = torch.arange(frames, device=codes.device, dtype=torch.float)
+        angles = positions[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        masks = self._masks(frames, lengths, codes.device, doubled=uncond_spk is not None)
+        per_layer = [masks[b.look_back, b.look_ahead] for b in self.transformer_blocks]
+        return DiTInputs(context, per_layer, angles.cos(), angles.sin())
+
+    def _masks(
+        self, frames: int, lengths: list[int], device: torch.device, doubled: bool
+    ) -> dict[tuple[int, int], torch.Tensor]:
+        block = torch.arange(frames, device=device) // self.block_size
+        diff = block[None, :] - block[:, None]  # key block - query block
+        padded = any(n < frames for n in lengths)
+        if padded:
+            key_valid = torch.arange(frames, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+            if doubled:
+                key_valid = torch.cat([key_valid, key_valid], dim=0)
+            # Padding queries see themselves, so no softmax row is empty (NaN would leak through 0 * NaN).
+            eye = torch.eye(frames, dtype=torch.bool, device=device)
+        masks = {}
+        for b in self.transformer_blocks:
+            key = (b.look_back, b.look_ahead)
+            if key not in masks:
+                mask = (diff >= -b.look_back) & (diff <= b.look_ahead)
+                mask = (mask[None] & key_valid[:, None, :]) | eye if padded else mask[None]
+                masks[key] = mask.unsqueeze(1)
+        return masks
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
+        """x [R, L, mel] (R = rows of `inputs`), t a scalar tensor -> predicted velocity [R, L, mel]."""
+        t_emb = self.time_embed(t)
+        h = self.input_embed.proj(torch.cat([x, inputs.context], dim=-1))
+        for block, mask in zip(self.transformer_blocks, inputs.masks, strict=True):
+            h = block(h, t_emb, inputs, mask)
+        scale, shift = self.norm_out(t_emb)
+        return self.proj_out(_layer_norm(h) * (1 + scale) + shift)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, inputs: DiTInputs, guidance_scale: float) -> torch.Tensor:
+        """The guided velocity v = c + g (c - u) for x [B, L, mel]."""
+        if inputs.context.shape[0] == x.shape[0]:
+            return self(x, t, inputs)
+        cond, null = torch.chunk(self(torch.cat([x, x], dim=0), t, inputs), 2, dim=0)
+        return cond + (cond - null) * guidance_scale

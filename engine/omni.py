@@ -1,0 +1,182 @@
+"""The engine the server uses: `async for event in engine.generate(request)` yields text, audio, usage, finish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from omnitalk.engine.request import Message, Sampling, ThinkerRequest
+from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine, SpeechFailed
+from omnitalk.engine.talker.sampling import TalkerSampling
+from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
+from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
+
+SAMPLE_RATE = 24_000
+
+
+@dataclass(frozen=True, slots=True)
+class Speech:
+    """How to speak the answer: a voice of the checkpoint and the talker's sampling."""
+
+    voice: str = "Chelsie"
+    sampling: TalkerSampling = field(default_factory=TalkerSampling)
+
+
+@dataclass(frozen=True, slots=True)
+class OmniRequest:
+    request_id: str
+    messages: tuple[Message, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    speech: Speech | None = None  # None: text only, the talker is skipped
+    use_audio_in_video: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class AudioDelta:
+    offset: int  # sample index of samples[0] within the answer's audio
+    samples: np.ndarray  # float32 mono at SAMPLE_RATE
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    text_tokens: int
+    audio_tokens: int  # codec tokens, 50 per second of audio
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    finish_reason: str  # the thinker's: "stop" or "length"
+    usage: Usage
+
+
+OmniEvent = TextDelta | AudioDelta | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    thinker: ThinkerConfig
+    speech_device: str = "cpu"
+    max_speech_streams: int = 64
+
+    @classmethod
+    def for_model(cls, model: Path, **thinker: object) -> EngineConfig:
+        return cls(ThinkerConfig(model=model, **thinker))
+
+
+class OmniEngine:
+    """Thinker (vLLM) -> talker -> Code2Wav. Leaving a stream early cancels the request in every stage."""
+
+    def __init__(self, thinker: ThinkerEngine, speech: SpeechEngine) -> None:
+        self.thinker, self.speech = thinker, speech
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> OmniEngine:
+        thinker = ThinkerEngine(config.thinker)
+        speech = SpeechEngine.from_checkpoint(
+            config.thinker.model, device=config.speech_device, max_batch=config.max_speech_streams
+        )
+        return cls(thinker, speech)
+
+    def shutdown(self) -> None:
+        self.speech.shutdown()
+        self.thinker.shutdown()
+
+    @property
+    def voices(self) -> list[str]:
+        return self.speech.voices
+
+    async def generate(self, request: OmniRequest) -> AsyncIterator[OmniEvent]:
+        if request.speech is not None and request.speech.voice not in self.voices:
+            raise ValueError(f"unknown voice {request.speech.voice!r}; available: {', '.join(self.voices)}")
+        thinker_request = ThinkerRequest(
+            request.request_id,
+            request.messages,
+            request.sampling,
+            use_audio_in_video=request.use_audio_in_video,
+            hidden_states=request.speech is not None,
+        )
+        if request.speech is None:
+            async for event in self._text_only(thinker_request):
+                yield event
+            return
+        async for event in self._spoken(thinker_request, request.speech):
+            yield event
+
+    async def _text_only(self, request: ThinkerRequest) -> AsyncIterator[OmniEvent]:
+        async for event in self.thinker.generate(request):
+            if isinstance(event, ThinkerText):
+                yield TextDelta(event.text, event.token_ids)
+            elif isinstance(event, ThinkerDone):
+                usage = Usage(event.num_prompt_tokens, event.num_generated_tokens, 0)
+                yield Finished(event.finish_reason, usage)
+
+    async def _spoken(self, request: ThinkerRequest, speech: Speech) -> AsyncIterator[OmniEvent]:
+        key = request.request_id
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: object) -> None:  # runs on the speech thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        feeder = asyncio.create_task(self._feed_speech(request, speech, sink))
+        thinker_done: ThinkerDone | None = None
+        speech_done: SpeechDone | None = None
+        try:
+            while thinker_done is None or speech_done is None:
+                event = await events.get()
+                match event:
+                    case TextDelta():
+                        yield event
+                    case AudioChunk(offset, samples):
+                        yield AudioDelta(offset, samples)
+                    case ThinkerDone():
+                        thinker_done = event
+                    case SpeechDone():
+                        speech_done = event
+                    case SpeechFailed(error) | _FeedFailed(error):
+                        raise error
+            usage = Usage(thinker_done.num_prompt_tokens, thinker_done.num_generated_tokens, speech_done.num_codes)
+            yield Finished(thinker_done.finish_reason, usage)
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+            self.speech.close(key)
+
+    async def _feed_speech(self, request: ThinkerRequest, speech: Speech, sink) -> None:
+        """Thinker events to the speech thread (rows, tokens) and to the client (text), as they come."""
+        key = request.request_id
+        try:
+            async for event in self.thinker.generate(request):
+                match event:
+                    case ThinkerStart(prompt_ids, positions):
+                        self.speech.open(key, prompt_ids, positions, speech.voice, speech.sampling, sink)
+                    case HiddenStates(first_position, rows):
+                        self.speech.add_rows(key, first_position, rows)
+                    case ThinkerText(token_ids, text):
+                        self.speech.add_tokens(key, token_ids)
+                        sink(TextDelta(text, token_ids))
+                    case ThinkerDone():
+                        self.speech.thinker_done(key)
+                        sink(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            sink(_FeedFailed(error))
+
+
+@dataclass(frozen=True, slots=True)
+class _FeedFailed:
+    error: Exception

@@ -1,0 +1,97 @@
+"""One request's talker state: what the thinker has streamed so far, and the codes generated from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omnitalk.engine.talker.sampling import TalkerSampling
+
+
+@dataclass(slots=True, eq=False)
+class TalkerSequence:
+    """Fed by the thinker's stream (`add_rows`, `add_tokens`, `thinker_done`), stepped by `Talker.step`.
+
+    Step 0 (prefill) needs the rows of positions 0..L (the prompt and g0 fed back) and token g0. Decode
+    step j >= 1 needs row L+j and token g_j, or, once the thinker is done with N tokens, nothing: step
+    N-1 reads text_eos and later steps text_pad. So the talker trails the thinker by one token.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    speaker: str = "Chelsie"
+    sampling: TalkerSampling = field(default_factory=TalkerSampling)
+    # The thinker's TMRoPE positions [3, L] of the prompt (ThinkerStart.positions); None: 1-D, right for text
+    # and audio prompts only: an image or video prompt needs the thinker's.
+    positions: torch.Tensor | None = None
+    # streamed by the thinker
+    tokens: list[int] = field(default_factory=list)  # generated text ids g_0, g_1, ...
+    num_rows: int = 0  # hidden-state rows received: positions 0 .. num_rows - 1
+    thinker_finished: bool = False
+    # talker state
+    codes: list[int] = field(default_factory=list)
+    num_cached: int = 0  # KV cache rows written; 0 until the prefill
+    rope_delta: int = 0  # decode position = cache index + rope_delta
+    slot: int | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort", or "empty" (the thinker said < 2 tokens)
+    _rows: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)  # received, not yet consumed
+
+    def add_rows(self, first_position: int, rows: torch.Tensor) -> None:
+        """Rows [n, H] of thinker positions first_position.. (last-layer hidden states, post-norm).
+
+        Positions already received are skipped (a preempted thinker re-sends them); a gap is an error.
+        """
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be [n, hidden], got {tuple(rows.shape)}")
+        if first_position > self.num_rows:
+            raise ValueError(f"rows from position {first_position}, but only {self.num_rows} received")
+        rows = rows[self.num_rows - first_position :]
+        if len(rows):
+            self._rows.append(rows)
+            self.num_rows += len(rows)
+
+    def add_tokens(self, token_ids: list[int]) -> None:
+        self.tokens.extend(token_ids)
+
+    def thinker_done(self) -> None:
+        """Every row and token has been added: the last token is never fed back, so it has no row."""
+        self.thinker_finished = True
+        if len(self.tokens) < 2 and self.num_cached == 0 and self.finish_reason is None:
+            self.finish_reason = "empty"  # no row for g0: nothing to condition the talker on
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_cached > 0
+
+    @property
+    def ready(self) -> bool:
+        """The input of the next step exists."""
+        if self.finished:
+            return False
+        prompt_len, step = len(self.prompt_ids), len(self.codes)
+        if not self.prefilled:
+            return bool(self.tokens) and self.num_rows > prompt_len
+        fed_back = self.num_rows > prompt_len + step and len(self.tokens) > step
+        return fed_back or (self.thinker_finished and step >= len(self.tokens) - 1)
+
+    def take_prefill(self) -> tuple[torch.Tensor, list[int]]:
+        """Rows [L+1, H] of the prompt and g0, with their token ids."""
+        return self._take(len(self.prompt_ids) + 1), [*self.prompt_ids, self.tokens[0]]
+
+    def take_decode(self, text_eos: int, text_pad: int) -> tuple[torch.Tensor | None, int]:
+        """The text side of decode step j: (row [H] of g_j, g_j), or (None, text_eos / text_pad) once done."""
+        step = len(self.codes)
+        if self.num_rows > len(self.prompt_ids) + step and len(self.tokens) > step:
+            return self._take(1)[0], self.tokens[step]
+        return None, text_eos if step == len(self.tokens) - 1 else text_pad
+
+    def _take(self, n: int) -> torch.Tensor:
+        rows = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
+        # the remainder is cloned so consumed rows (a whole prompt, at prefill) can be freed
+        self._rows = [rows[n:].clone()] if len(rows) > n else []
+        return rows[:n]
