@@ -1,6 +1,6 @@
 """Cost of streaming hidden states out of vLLM: the same requests with and without the tap, alternated in one run.
 
-    .venv/bin/python benchmarks/thinker_tap.py [--model DIR] [--rounds 6] [--concurrency 4] [--tokens 64]
+.venv/bin/python benchmarks/thinker_tap.py [--model DIR] [--rounds 6] [--concurrency 4] [--tokens 64]
 """
 
 from __future__ import annotations

@@ -17,16 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve a checkpoint over HTTP and WebSocket")
-    serve.add_argument(
-        "--model", type=Path, help="local checkpoint directory (default: the built-in tiny model)"
-    )
+    serve.add_argument("--model", type=Path, help="local checkpoint directory (default: the built-in tiny model)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(run=_serve)
 
-    tiny = commands.add_parser(
-        "make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint to DIR"
-    )
+    tiny = commands.add_parser("make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint to DIR")
     tiny.add_argument("dir", type=Path)
     tiny.set_defaults(run=_make_tiny)
 
@@ -60,6 +56,4 @@ def _serve(args: argparse.Namespace) -> None:
     else:
         model_dir, name = settings.model, settings.model.name
     log.warning(MISSING)
-    uvicorn.run(
-        create_app(model_dir, name), host=settings.host, port=settings.port, log_level=settings.log_level
-    )
+    uvicorn.run(create_app(model_dir, name), host=settings.host, port=settings.port, log_level=settings.log_level)
