@@ -21,9 +21,6 @@ class TalkerConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, int, int] = (16, 24, 24)
-    spatial_merge_size: int = 2
-    position_id_per_seconds: int = 25
-    seconds_per_chunk: int = 2
     codec_pad_id: int = 8292
     codec_bos_id: int = 8293
     codec_eos_id: int = 8294
@@ -33,8 +30,6 @@ class TalkerConfig:
     audio_id: int = 151646
     image_id: int = 151655
     video_id: int = 151656
-    vision_bos_id: int = 151652
-    audio_bos_id: int = 151647
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -56,9 +51,6 @@ class TalkerConfig:
             "rms_norm_eps": c.get("rms_norm_eps"),
             "rope_theta": rope.get("rope_theta", c.get("rope_theta")),
             "mrope_section": tuple(rope["mrope_section"]) if "mrope_section" in rope else None,
-            "spatial_merge_size": c.get("spatial_merge_size"),
-            "position_id_per_seconds": c.get("position_id_per_seconds"),
-            "seconds_per_chunk": c.get("seconds_per_chunk"),
             "codec_pad_id": c.get("tts_codec_pad_token_id"),
             "codec_bos_id": c.get("tts_codec_start_token_id"),
             "codec_eos_id": c.get("tts_codec_end_token_id"),
@@ -68,8 +60,6 @@ class TalkerConfig:
             "audio_id": c.get("audio_token_index"),
             "image_id": c.get("image_token_index"),
             "video_id": c.get("video_token_index"),
-            "vision_bos_id": c.get("vision_start_token_id"),
-            "audio_bos_id": c.get("audio_start_token_id"),
         }
         return cls(
             embedding_size=c["embedding_size"],
