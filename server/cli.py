@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--model", type=Path, help="local checkpoint directory (default: the built-in tiny model)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--max-model-len", type=int, help="the thinker's context window")
+    serve.add_argument("--max-concurrent-streams", type=int, help="beyond it: HTTP 429 / a Realtime error")
     serve.set_defaults(run=_serve)
 
     tiny = commands.add_parser("make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint to DIR")
@@ -40,20 +42,26 @@ def _make_tiny(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from omnitalk.server.app import MISSING, create_app
+    from omnitalk.server.app import create_app
+    from omnitalk.server.state import ServerState
 
     overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None}
     settings = ServerSettings(**overrides)
+    name = settings.model.name if settings.model else TINY_MODEL_NAME
     if settings.model is None:
         from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
-        model_dir, name = tiny_checkpoint(), TINY_MODEL_NAME
+        settings.model = tiny_checkpoint()
         log.warning(
             "serving the built-in tiny checkpoint at %s: its weights are random, "
             "so its text and audio are noise. Pass --model DIR to serve a real Qwen2.5-Omni checkpoint.",
-            model_dir,
+            settings.model,
         )
-    else:
-        model_dir, name = settings.model, settings.model.name
-    log.warning(MISSING)
-    uvicorn.run(create_app(model_dir, name), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(ServerState(settings, name)),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=settings.max_message_bytes,
+        ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU
+    )

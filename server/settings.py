@@ -15,3 +15,10 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    max_model_len: int | None = None  # the thinker's context window; None: the checkpoint's
+    max_num_seqs: int = 32  # requests the thinker runs at once
+    max_concurrent_streams: int = 32  # beyond it: HTTP 429 / a Realtime error, with a retry hint
+    max_message_bytes: int = 16 * 1024 * 1024  # largest HTTP body or WebSocket message accepted
+    max_audio_seconds: float = 600.0  # longest input audio (or video soundtrack) accepted
+    send_queue_size: int = 256  # per-connection outgoing events; a client slower than this is dropped
+    speech_device: str = "cpu"

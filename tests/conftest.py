@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import torch
+import uvicorn
 from oracle import Reference
 
 from omnitalk.engine.omni import OmniEngine
 from omnitalk.engine.speech.engine import SpeechEngine
 from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
 from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
+from omnitalk.server.app import create_app
+from omnitalk.server.settings import ServerSettings
+from omnitalk.server.state import ServerState
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +63,26 @@ def speech(tiny_dir: Path) -> Iterator[SpeechEngine]:
 def omni(thinker: ThinkerEngine, speech: SpeechEngine) -> OmniEngine:
     """The whole engine (thinker on vLLM, talker, Code2Wav) on the tiny checkpoint."""
     return OmniEngine(thinker, speech)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def server(omni: OmniEngine, tiny_dir: Path) -> AsyncIterator[tuple[str, ServerState]]:
+    """The real app under uvicorn, on loopback, serving the session's engine: (base URL, its state)."""
+    settings = ServerSettings(model=tiny_dir, max_concurrent_streams=4)
+    state = ServerState(settings, "omnitalk-tiny-random", engine=omni)
+    config = uvicorn.Config(
+        create_app(state),
+        host="127.0.0.1",
+        port=0,
+        log_level="warning",
+        ws_max_size=settings.max_message_bytes,
+        ws_per_message_deflate=False,
+    )
+    uv = uvicorn.Server(config)
+    task = asyncio.create_task(uv.serve())
+    while not uv.started:
+        await asyncio.sleep(0.05)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", state
+    uv.should_exit = True
+    await task

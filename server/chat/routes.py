@@ -1,0 +1,5 @@
+"""POST /v1/chat/completions."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,1 @@
+"""The OpenAI Realtime (GA) protocol over WebSocket."""

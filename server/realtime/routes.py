@@ -1,0 +1,5 @@
+"""WebSocket /v1/realtime."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
