@@ -26,16 +26,17 @@ def tiny_dir() -> Path:
     return tiny_checkpoint()
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_dir: Path) -> Iterator[Reference]:
-    """transformers on the tiny checkpoint. One torch thread: as fast on the tiny model, and immune to
-    OpenMP spin-waits while the vLLM engine processes share the two cores."""
-    threads = torch.get_num_threads()
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """One torch thread in the test process: as fast on the tiny models, and immune to OpenMP spin-waits
+    while the vLLM engine's processes share the machine's cores."""
     torch.set_num_threads(1)
-    try:
-        yield Reference(tiny_dir)
-    finally:
-        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_dir: Path) -> Reference:
+    """transformers on the tiny checkpoint."""
+    return Reference(tiny_dir)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -37,14 +37,6 @@ class CapturingCode2Wav(Code2Wav):
         return mels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_dir: Path) -> dict[str, CapturingCode2Wav]:
     models = {name: CapturingCode2Wav.from_checkpoint(tiny_dir, config=config) for name, config in CONFIGS.items()}

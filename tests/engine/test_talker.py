@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -38,14 +38,6 @@ def conversation(*parts: dict) -> list[dict]:
 TEXT = conversation({"type": "text", "text": "Hello there, how are you?"})
 AUDIO = conversation({"type": "audio", "audio": tone(2.0)}, {"type": "text", "text": "What do you hear?"})
 IMAGE = conversation({"type": "image", "image": picture(224, 112)}, {"type": "text", "text": "Describe it."})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
