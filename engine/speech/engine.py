@@ -73,8 +73,11 @@ class SpeechEngine:
         self._thread.start()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", max_batch: int = 64) -> SpeechEngine:
-        talker = Talker.from_checkpoint(path, device=device, max_slots=max_batch)
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "cpu", max_batch: int = 64, max_len: int = 4096
+    ) -> SpeechEngine:
+        """`max_len` bounds each stream's talker cache: its prompt + 2 + codes (slots are preallocated)."""
+        talker = Talker.from_checkpoint(path, device=device, max_slots=max_batch, max_len=max_len)
         return cls(talker, Code2Wav.from_checkpoint(path, device=device), max_batch=max_batch)
 
     @property
@@ -171,7 +174,10 @@ class SpeechEngine:
         while self._waiting and self.talker.num_free_slots:
             key = self._waiting.pop(0)
             if key in self._streams:
-                self.talker.add(self._streams[key].seq)
+                try:
+                    self.talker.add(self._streams[key].seq)
+                except ValueError as error:  # e.g. a prompt longer than the talker's cache
+                    self._fail(key, error)
 
     def _candidates(self) -> list[Candidate]:
         return [
@@ -214,14 +220,14 @@ class SpeechEngine:
 
     def _finish_if_done(self, key: str, stream: _Stream) -> None:
         if stream.audio.done:
+            self._drop(key)  # before telling anyone, so that a finished stream is never still counted
             stream.sink(SpeechDone(len(stream.seq.codes), stream.seq.finish_reason or "stop"))
-            self._drop(key)
 
     def _fail(self, key: str, error: Exception) -> None:
         stream = self._streams.get(key)
         if stream is not None:
-            stream.sink(SpeechFailed(error))
             self._drop(key)
+            stream.sink(SpeechFailed(error))
 
     def _drop(self, key: str) -> None:
         stream = self._streams.pop(key, None)
