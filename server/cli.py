@@ -1,4 +1,4 @@
-"""The `omnitalk` command: serve, make-tiny."""
+"""The `omnitalk` command: serve, make-tiny, bench."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("dir", type=Path)
     tiny.set_defaults(run=_make_tiny)
 
+    # Every argument goes to the bench's own parser (`omnitalk bench -h`), imported only when it runs.
+    bench = commands.add_parser("bench", help="load-test a server over HTTP chat and Realtime (bench -h: options)",
+                                add_help=False, prefix_chars="\0")  # fmt: skip
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=_bench)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.run(args)
@@ -37,6 +43,12 @@ def _make_tiny(args: argparse.Namespace) -> None:
     from omnitalk.engine.tiny.checkpoint import make_tiny_checkpoint
 
     print(make_tiny_checkpoint(args.dir))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from omnitalk.clients.bench.cli import main as bench
+
+    raise SystemExit(bench(args.args))
 
 
 def _serve(args: argparse.Namespace) -> None:
