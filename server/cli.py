@@ -74,6 +74,6 @@ def _serve(args: argparse.Namespace) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws_max_size=settings.max_message_bytes,
+        ws_max_size=settings.ws_max_size,
         ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU
     )

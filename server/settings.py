@@ -22,3 +22,9 @@ class ServerSettings(BaseSettings):
     max_audio_seconds: float = 600.0  # longest input audio (or video soundtrack) accepted
     send_queue_size: int = 256  # per-connection outgoing events; a client slower than this is dropped
     speech_device: str = "cpu"
+
+    @property
+    def ws_max_size(self) -> int:
+        """uvicorn's WebSocket frame limit: a little above ours, so that an oversized message gets our
+        Realtime `error` event (and the session lives on) instead of uvicorn closing the socket."""
+        return self.max_message_bytes + 64 * 1024

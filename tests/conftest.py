@@ -76,7 +76,7 @@ async def server(omni: OmniEngine, tiny_dir: Path) -> AsyncIterator[tuple[str, S
         host="127.0.0.1",
         port=0,
         log_level="warning",
-        ws_max_size=settings.max_message_bytes,
+        ws_max_size=settings.ws_max_size,
         ws_per_message_deflate=False,
     )
     uv = uvicorn.Server(config)

@@ -219,17 +219,22 @@ def _classify(error: Exception) -> Exception:
 
 def _sampling_params(request: ThinkerRequest):
     from vllm import SamplingParams
+    from vllm.platforms import current_platform
     from vllm.sampling_params import RequestOutputKind
 
     s: Sampling = request.sampling
     extra = {wire.TAP_KEY: request.request_id} if request.hidden_states else None
+    # vLLM 0.32's CPU model runner kills its EngineCore on a seeded request whose prompt is prefilled in
+    # chunks (it rewinds the request's generator: "CPU Generator does not use offset"), so on CPU the
+    # thinker ignores seeds; the talker and Code2Wav still honour them.
+    seed = None if current_platform.is_cpu() else s.seed
     return SamplingParams(
         max_tokens=s.max_tokens,
         temperature=s.temperature,
         top_p=s.top_p,
         top_k=s.top_k,
         repetition_penalty=s.repetition_penalty,
-        seed=s.seed,
+        seed=seed,
         stop=list(s.stop),
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra,

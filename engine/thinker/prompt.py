@@ -22,6 +22,20 @@ def audio_feature_kwargs(clips: list[np.ndarray]) -> dict[str, Any]:
     return {"audio_kwargs": {"max_length": max(len(c) for c in clips) + N_FFT // 2}}
 
 
+# Qwen2.5-Omni's talker was trained with this system prompt; Qwen's model card asks for it when speaking.
+SPEECH_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory and "
+    "visual inputs, as well as generating text and speech."
+)
+
+
+def audio_token_count(num_samples: int) -> int:
+    """The thinker's audio tokens for a 16 kHz clip: Whisper frames (hop 160), then two stride-2 reductions
+    (as vLLM's and transformers' `_get_feat_extract_output_lengths`)."""
+    frames = -(-num_samples // 160)
+    return max(0, ((frames - 1) // 2 + 1 - 2) // 2 + 1)
+
+
 class PromptError(ValueError):
     """A conversation the thinker cannot take; the message says why."""
 

@@ -58,11 +58,11 @@ class Connection:
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if self.session.response is not None:  # the client is gone: stop every stage of its response
-                await self.session.response.cancel(None)
-            for task in (reader, writer):
+            for task in (reader, writer):  # the reader first: it must not start anything new
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
+            if self.session.response is not None:  # the client is gone: stop every stage of its response
+                await self.session.response.cancel(None)
         code = CLOSE_TOO_SLOW if self.outbox.overflowed else None
         if not reader.cancelled() and reader.exception() is not None:
             log.error("realtime: the receive loop failed", exc_info=reader.exception())

@@ -1,0 +1,243 @@
+"""Chat Completions request and response models (OpenAI's field names); options omnitalk cannot honour are refused."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omnitalk.server.errors import APIError
+
+OUTPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
+# OpenAI takes wav and mp3; the rest are what engine/media.py decodes. pcm16 is raw s16le mono, 24 kHz by default.
+INPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac", "pcm16")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # as OpenAI: fields it does not know are ignored
+
+
+# Content parts.
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class RefusalPart(_Model):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class InputAudio(_Model):
+    data: str  # base64 (a data: URL is accepted too)
+    format: Literal[INPUT_AUDIO_FORMATS]  # type: ignore[valid-type]
+
+
+class InputAudioPart(_Model):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class MediaURL(_Model):
+    url: str
+    detail: str | None = None  # the thinker takes images at its own resolution rule: ignored
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class AudioURLPart(_Model):  # vLLM's extension
+    type: Literal["audio_url"]
+    audio_url: MediaURL
+
+
+class VideoPart(_Model):  # vLLM's extension
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+UserPart = Annotated[TextPart | InputAudioPart | ImagePart | AudioURLPart | VideoPart, Field(discriminator="type")]
+AssistantPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+
+
+# Messages.
+class SystemMessage(_Model):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+
+
+class UserMessage(_Model):
+    role: Literal["user"]
+    content: str | list[UserPart]
+
+
+class AudioRef(_Model):
+    id: str
+
+
+class AssistantMessage(_Model):
+    role: Literal["assistant"]
+    content: str | list[AssistantPart] | None = None
+    audio: AudioRef | None = None
+    tool_calls: list[Any] | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+
+
+class AudioOutput(_Model):
+    voice: str | dict[str, Any]  # a name, or OpenAI's {"id": "voice_..."} for custom voices (refused)
+    format: Literal[OUTPUT_AUDIO_FORMATS]  # type: ignore[valid-type]
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class OmnitalkOptions(_Model):
+    """omnitalk's own options, sent as `"omnitalk": {...}` (the openai SDK: `extra_body={"omnitalk": {...}}`)."""
+
+    use_audio_in_video: bool = False
+    input_audio_sample_rate: int = Field(24_000, gt=0)  # of pcm16 input audio
+
+
+class ChatCompletionRequest(_Model):
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None  # any name is accepted: the server serves one model
+    modalities: list[Literal["text", "audio"]] = ["text"]
+    audio: AudioOutput | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # vLLM's extension
+    repetition_penalty: float | None = Field(None, gt=0)  # vLLM's extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    omnitalk: OmnitalkOptions = Field(default_factory=OmnitalkOptions)
+    # Accepted only at their default values.
+    n: int | None = 1
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        refuse = _unsupported(self)
+        if refuse:
+            param, message = refuse
+            raise APIError(message, param=param, code="unsupported_parameter")
+        if "audio" in self.modalities and self.audio is None:
+            raise APIError('"audio" is required when modalities includes "audio"', param="audio")
+        if self.stream_options is not None and not self.stream:
+            raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+        if self.stream and self.wants_audio and self.audio.format != "pcm16":
+            raise APIError(
+                f"Unsupported value: 'audio.format' does not support '{self.audio.format}' when stream=true. "
+                "Supported values are: 'pcm16'.",
+                param="audio.format",
+                code="unsupported_value",
+            )
+        return self
+
+    @property
+    def wants_audio(self) -> bool:
+        return "audio" in self.modalities
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+def _unsupported(r: ChatCompletionRequest) -> tuple[str, str] | None:
+    """The first option set to a value omnitalk cannot honour, as (param, message)."""
+    checks = [
+        ("n", r.n not in (None, 1), "n > 1 is not supported: one choice per request"),
+        ("tools", bool(r.tools) or bool(r.functions), "tools and functions are not supported"),
+        ("tool_choice", r.tool_choice not in (None, "none"), "tool_choice is not supported (no tools)"),
+        ("function_call", r.function_call not in (None, "none"), "function_call is not supported (no tools)"),
+        ("logprobs", bool(r.logprobs) or r.top_logprobs is not None, "logprobs are not supported"),
+        (
+            "response_format",
+            r.response_format is not None and r.response_format.get("type") != "text",
+            'response_format must be {"type": "text"}: structured outputs are not supported',
+        ),
+        ("frequency_penalty", bool(r.frequency_penalty), "frequency_penalty is not supported; use repetition_penalty"),
+        ("presence_penalty", bool(r.presence_penalty), "presence_penalty is not supported; use repetition_penalty"),
+        ("logit_bias", bool(r.logit_bias), "logit_bias is not supported"),
+    ]
+    for param, refused, message in checks:
+        if refused:
+            return param, message
+    for i, m in enumerate(r.messages):
+        if isinstance(m, AssistantMessage) and m.tool_calls:
+            return f"messages.[{i}].tool_calls", "tool calls are not supported"
+    return None
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The request in `body`, or an APIError saying in one line what is wrong with it."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(f"We could not parse the JSON body of your request: {error}", code="invalid_json") from error
+    if not isinstance(data, dict):
+        raise APIError("the request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as error:
+        raise _validation_error(error, data) from error
+
+
+def _validation_error(error: ValidationError, data: object) -> APIError:
+    # The deepest error is the most specific: `str | list[...]` content also reports "not a valid string".
+    worst = max(error.errors(include_url=False), key=lambda e: len(e["loc"]))
+    where = _client_path(data, worst["loc"])
+    return APIError(f"{where}: {worst['msg']}" if where else worst["msg"], param=where or None)
+
+
+def _client_path(data: object, loc: tuple) -> str:
+    """`loc` as the client wrote it (messages[0].content[1].input_audio.format), without the names pydantic
+    adds for union members and discriminator tags: only steps that exist in the data are kept (and the last)."""
+    path, node = "", data
+    for i, step in enumerate(loc):
+        if isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            path, node = f"{path}[{step}]", node[step]
+        elif (isinstance(node, dict) and step in node) or i == len(loc) - 1:
+            path, node = f"{path}.{step}" if path else str(step), node.get(step) if isinstance(node, dict) else None
+    return path
+
+
+# Responses (plain dicts built by these helpers keep the exact OpenAI shape, nulls included).
+def usage(prompt: dict[str, int], text_tokens: int, audio_tokens: int) -> dict[str, Any]:
+    prompt_tokens = prompt["total"]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": text_tokens + audio_tokens,
+        "total_tokens": prompt_tokens + text_tokens + audio_tokens,
+        "prompt_tokens_details": {
+            "audio_tokens": prompt["audio"],
+            "cached_tokens": 0,  # prefix caching is off: a speaking request needs every position's hidden state
+            "image_tokens": prompt["image"],
+            "text_tokens": prompt["text"],
+        },
+        "completion_tokens_details": {
+            "audio_tokens": audio_tokens,
+            "text_tokens": text_tokens,
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }

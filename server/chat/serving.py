@@ -1,0 +1,214 @@
+"""Serves one chat completion: request -> OmniRequest, run the engine, a response body or a stream of chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import numpy as np
+
+from omnitalk.engine.omni import AudioDelta, Finished, OmniEngine, OmniEvent, OmniRequest, Speech, TextDelta
+from omnitalk.engine.request import Sampling
+from omnitalk.engine.talker.sampling import TalkerSampling
+from omnitalk.server import audio
+from omnitalk.server.chat import protocol
+from omnitalk.server.chat.messages import Conversation, TranscriptCache, convert, prompt_details
+from omnitalk.server.chat.protocol import ChatCompletionRequest
+from omnitalk.server.chat.sse import Stream
+from omnitalk.server.errors import APIError
+from omnitalk.server.metrics import ResponseTimer
+from omnitalk.server.speech import resolve_voice, talker_max_codes
+from omnitalk.server.state import ServerState
+
+AUDIO_TTL_S = 3600  # how long an answer's audio id stays usable in a later request (its transcript is kept)
+
+
+def _voice(voice: str | dict, voices: list[str]) -> str:
+    if not isinstance(voice, str):
+        raise APIError(f"unsupported voice {voice!r}: give a voice name", param="audio.voice")
+    try:
+        return resolve_voice(voice, voices)
+    except ValueError as error:
+        raise APIError(str(error), param="audio.voice") from error
+
+
+class _Run:
+    """One request's hold on the server: a stream slot, the live-streams gauge, its timer, the engine's stream.
+    `close` gives all of it back, once, however the request ends."""
+
+    def __init__(self, state: ServerState) -> None:
+        state.limiter.acquire()
+        self.state, self.events, self.closed = state, None, False
+        self.request_id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.timer = ResponseTimer(state.metrics)
+        state.metrics.live_streams.inc()
+
+    def observe(self, event: OmniEvent) -> OmniEvent:
+        if isinstance(event, TextDelta) and event.text:
+            self.timer.text()
+        elif isinstance(event, AudioDelta):
+            self.timer.audio(len(event.samples))
+        return event
+
+    async def close(self, status: str, finished: Finished | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            with anyio.CancelScope(shield=True):  # runs to the end even when the client's task is cancelled
+                if self.events is not None:
+                    await self.events.aclose()  # cancels the request in the thinker, talker and Code2Wav
+        finally:
+            self.state.limiter.release()
+            self.state.metrics.live_streams.dec()
+            u = finished.usage if finished else None
+            self.timer.finish(status, *((u.prompt_tokens, u.text_tokens, u.audio_tokens) if u else ()))
+
+
+class ChatServing:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.transcripts = TranscriptCache()
+
+    async def create(self, request: ChatCompletionRequest) -> dict[str, Any] | Stream:
+        """The response body, or (stream=true) its chunks. Errors before the engine's first event raise here, so
+        they get their HTTP status (a prompt too long, media the processor rejects); later ones end the stream."""
+        engine = self._engine()
+        voice = _voice(request.audio.voice, engine.voices) if request.wants_audio else None
+        run = _Run(self.state)
+        try:
+            settings = self.state.settings
+            conversation = await asyncio.to_thread(
+                convert, request, self.transcripts, engine.thinker.tokenizer, settings.max_audio_seconds
+            )
+            run.events = engine.generate(self._omni_request(run.request_id, request, conversation, voice))
+            first = run.observe(await anext(run.events))
+            if request.stream:
+                return Stream(self._stream(request, conversation, run, first), lambda: run.close("cancelled"))
+            return await self._complete(request, conversation, run, first)
+        except BaseException as error:
+            await run.close("cancelled" if isinstance(error, asyncio.CancelledError) else "error")
+            raise
+
+    def _engine(self) -> OmniEngine:
+        if self.state.engine is None:
+            raise APIError("the model is still loading; retry once /ready answers 200", 503, "server_error")
+        return self.state.engine
+
+    def _omni_request(
+        self, request_id: str, r: ChatCompletionRequest, conversation: Conversation, voice: str | None
+    ) -> OmniRequest:
+        defaults = Sampling()
+        max_tokens = r.max_completion_tokens or r.max_tokens or defaults.max_tokens
+        sampling = Sampling(
+            max_tokens=max_tokens,
+            temperature=1.0 if r.temperature is None else r.temperature,  # OpenAI's default, not Qwen's
+            top_p=1.0 if r.top_p is None else r.top_p,
+            top_k=r.top_k or 0,
+            repetition_penalty=r.repetition_penalty or 1.0,
+            seed=r.seed,
+            stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()),
+        )
+        speech = None
+        if voice is not None:
+            speech = Speech(voice, TalkerSampling(seed=r.seed, max_tokens=talker_max_codes(max_tokens)))
+        return OmniRequest(
+            request_id,
+            conversation.messages,
+            sampling,
+            speech,
+            use_audio_in_video=r.omnitalk.use_audio_in_video,
+        )
+
+    async def _complete(
+        self, r: ChatCompletionRequest, conversation: Conversation, run: _Run, event: OmniEvent
+    ) -> dict[str, Any]:
+        text: list[str] = []
+        chunks: list[np.ndarray] = []
+        status = "cancelled"
+        try:
+            while not isinstance(event, Finished):
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                else:
+                    chunks.append(event.samples)
+                event = run.observe(await anext(run.events))
+            status = "ok"
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            await run.close(status, event if isinstance(event, Finished) else None)
+        transcript = "".join(text)
+        message: dict[str, Any] = {"role": "assistant", "content": transcript, "refusal": None, "audio": None}
+        if r.wants_audio:
+            samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+            data = await asyncio.to_thread(audio.encode, samples, r.audio.format)
+            audio_id, expires_at = self._remember(transcript)
+            message["content"] = None  # as OpenAI: the words are the audio's transcript
+            message["audio"] = {
+                "id": audio_id,
+                "data": base64.b64encode(data).decode("ascii"),
+                "expires_at": expires_at,
+                "transcript": transcript,
+            }
+        return {
+            **self._head(run, "chat.completion"),
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": event.finish_reason}],
+            "usage": self._usage(conversation, event),
+        }
+
+    async def _stream(
+        self, r: ChatCompletionRequest, conversation: Conversation, run: _Run, event: OmniEvent
+    ) -> AsyncIterator[dict[str, Any]]:
+        head = self._head(run, "chat.completion.chunk")
+        extra = {"usage": None} if r.include_usage else {}
+        audio_id = f"audio_{uuid.uuid4().hex}" if r.wants_audio else None
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {**head, "choices": [choice], **extra}
+
+        status = "cancelled"
+        text: list[str] = []
+        try:
+            yield chunk({"role": "assistant", "content": None if audio_id else "", "refusal": None})
+            while not isinstance(event, Finished):
+                if isinstance(event, TextDelta) and event.text:
+                    text.append(event.text)
+                    words = {"audio": {"id": audio_id, "transcript": event.text}} if audio_id else None
+                    yield chunk(words or {"content": event.text})
+                elif isinstance(event, AudioDelta):
+                    yield chunk({"audio": {"id": audio_id, "data": audio.pcm16_base64(event.samples)}})
+                event = run.observe(await anext(run.events))
+            yield chunk({}, event.finish_reason)
+            if audio_id:  # OpenAI's closing audio update: the expiry alone, no finish_reason
+                yield chunk({"audio": {"expires_at": self._remember("".join(text), audio_id)[1]}})
+            if r.include_usage:
+                yield {**head, "choices": [], "usage": self._usage(conversation, event)}
+            status = "ok"
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            await run.close(status, event if isinstance(event, Finished) else None)
+
+    def _head(self, run: _Run, kind: str) -> dict[str, Any]:
+        return {"id": run.request_id, "object": kind, "created": run.created, "model": self.state.model_name,
+                "system_fingerprint": None}  # fmt: skip
+
+    def _remember(self, transcript: str, audio_id: str | None = None) -> tuple[str, int]:
+        audio_id = audio_id or f"audio_{uuid.uuid4().hex}"
+        expires_at = int(time.time()) + AUDIO_TTL_S
+        self.transcripts.put(audio_id, transcript, expires_at)
+        return audio_id, expires_at
+
+    @staticmethod
+    def _usage(conversation: Conversation, finished: Finished) -> dict[str, Any]:
+        u = finished.usage
+        return protocol.usage(prompt_details(conversation, u.prompt_tokens), u.text_tokens, u.audio_tokens)

@@ -1,0 +1,268 @@
+"""One response: the engine's stream as Realtime events, from response.created to response.done."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from omnitalk.engine.media import MediaError
+from omnitalk.engine.omni import AudioDelta, Finished, OmniRequest, Speech, TextDelta
+from omnitalk.engine.request import Message, Sampling, Text
+from omnitalk.engine.talker.sampling import TalkerSampling
+from omnitalk.engine.thinker.engine import ThinkerInputError
+from omnitalk.engine.thinker.prompt import PromptError, audio_token_count
+from omnitalk.server.metrics import ResponseTimer
+from omnitalk.server.realtime import protocol as p
+from omnitalk.server.realtime.outbox import Outbox
+from omnitalk.server.realtime.protocol import SAMPLE_RATE, ClientError
+from omnitalk.server.realtime.session import Item, ItemPart, RealtimeSession, build_item, resolve_voice
+from omnitalk.server.speech import talker_max_codes
+from omnitalk.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+DELTA_SAMPLES = SAMPLE_RATE // 10  # 100 ms of audio per output_audio.delta
+INF_TOKENS = 4096  # max_output_tokens "inf"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseSpec:
+    """A response.create resolved against the session: what to say, how, and where the output goes."""
+
+    context: tuple[Item, ...]  # the conversation (or the response's own input) the answer follows
+    instructions: str
+    audio: bool  # speak (with a transcript) or write text only
+    modalities: list[str]
+    voice: str  # the checkpoint's
+    voice_name: str  # as the client named it
+    max_output_tokens: int | str
+    temperature: float
+    conversation: str  # "auto": the answer joins the conversation; "none": it does not
+    metadata: dict[str, str] | None
+
+
+async def plan(
+    session: RealtimeSession, params: p.ResponseParams | None, voices: list[str], max_seconds: float
+) -> ResponseSpec:
+    """What a response.create asks for, checked against the session (decodes media of inline input items)."""
+    params = params or p.ResponseParams()
+    config = session.config
+    if params.conversation not in ("auto", "none"):
+        raise ClientError('conversation is "auto" or "none"', param="response.conversation")
+    output = params.audio.output if params.audio else None
+    voice_name = output.voice if output and output.voice else config.voice
+    voice = resolve_voice(voice_name, voices, "response.audio.output.voice")
+    if params.input is None:
+        context = tuple(session.conversation.items)
+    else:  # a context of its own for this response: items, or references to the conversation's
+        context = tuple([await _input_item(session, item, max_seconds, i) for i, item in enumerate(params.input)])
+    modalities = params.output_modalities or config.output_modalities
+    return ResponseSpec(
+        context=context,
+        instructions=config.instructions if params.instructions is None else params.instructions,
+        audio="audio" in modalities,
+        modalities=modalities,
+        voice=voice,
+        voice_name=voice_name,
+        max_output_tokens=params.max_output_tokens or config.max_output_tokens,
+        temperature=config.temperature if params.temperature is None else params.temperature,
+        conversation=params.conversation,
+        metadata=params.metadata,
+    )
+
+
+async def _input_item(session: RealtimeSession, item: p.Item, max_seconds: float, index: int) -> Item:
+    if item.type == "item_reference":
+        if item.id is None:
+            param = f"response.input[{index}].id"
+            raise ClientError("an item_reference needs the id", code="missing_required_parameter", param=param)
+        return session.conversation.find(item.id, f"response.input[{index}].id")
+    return await asyncio.to_thread(build_item, item, max_seconds)
+
+
+@dataclass(slots=True)
+class LiveResponse:
+    """The response being generated: `start` opens it, the task streams it, `cancel` or its end closes it."""
+
+    spec: ResponseSpec
+    session: RealtimeSession
+    state: ServerState
+    outbox: Outbox
+    id: str = field(default_factory=lambda: p.new_id("resp"))
+    item: Item = field(default_factory=lambda: Item(p.new_id("item"), "assistant", [], "in_progress"))
+    task: asyncio.Task | None = None
+    timer: ResponseTimer | None = None
+    previous_item_id: str | None = None
+    num_text_tokens: int = 0
+    finished: bool = False
+
+    def start(self) -> None:
+        """Takes a stream slot (Busy if none is free), sends the opening events and starts generating."""
+        self.state.limiter.acquire()
+        self.state.metrics.live_streams.inc()
+        self.timer = ResponseTimer(self.state.metrics)
+        self.session.response = self
+        part = ItemPart("output_audio", "") if self.spec.audio else ItemPart("output_text", "")
+        self.outbox.send(p.event("response.created", response=self._json("in_progress")))
+        self.outbox.send(
+            p.event("response.output_item.added", response_id=self.id, output_index=0, item=self._item_json())
+        )
+        if self.spec.conversation == "auto":
+            self.previous_item_id = self.session.conversation.insert(self.item)
+            added = {"previous_item_id": self.previous_item_id, "item": self._item_json()}
+            self.outbox.send(p.event("conversation.item.added", **added))
+        self.item.parts.append(part)
+        self.outbox.send(p.event("response.content_part.added", **self._ids(), part=self._part_json()))
+        self.task = asyncio.create_task(self._run())
+
+    async def cancel(self, reason: str | None) -> None:
+        """Stops generating (every engine stage) and sends response.done, cancelled for `reason`; None: the client
+        is gone, nothing is sent."""
+        if self.finished:
+            return
+        assert self.task is not None
+        self.task.cancel()  # closes the engine's stream: the thinker, talker and Code2Wav all drop the request
+        try:
+            await asyncio.wait({self.task})  # unlike `await task`, never swallows a cancellation of our own
+        finally:
+            if reason is not None:
+                self.outbox.drop(self.id)  # deltas still queued for it are dropped: the client stops it now
+            self._finish("cancelled", {"type": "cancelled", "reason": reason}, None, notify=reason is not None)
+
+    async def _run(self) -> None:
+        finished: Finished | None = None
+        try:
+            async with contextlib.aclosing(self.state.engine.generate(self._request())) as events:
+                async for event in events:
+                    match event:
+                        case TextDelta():
+                            self._text(event)
+                        case AudioDelta():
+                            self._audio(event.samples)
+                        case Finished():
+                            finished = event
+            if finished is None:
+                raise RuntimeError("the engine's stream ended without Finished")
+        except (MediaError, ThinkerInputError, PromptError, ValueError) as error:
+            details = {"type": "invalid_request_error", "code": "invalid_prompt", "message": str(error)}
+            self._finish("failed", {"type": "failed", "error": details}, None)
+            return
+        except Exception:
+            log.exception("realtime response %s failed", self.id)
+            details = {"type": "server_error", "code": None, "message": "internal server error"}
+            self._finish("failed", {"type": "failed", "error": details}, None)
+            return
+        if finished.finish_reason == "length":
+            self._finish("incomplete", {"type": "incomplete", "reason": "max_output_tokens"}, finished)
+        else:
+            self._finish("completed", None, finished)
+
+    def _request(self) -> OmniRequest:
+        spec = self.spec
+        messages = [Message("system", (Text(spec.instructions),))] if spec.instructions else []
+        messages += [m for item in spec.context if (m := item.message()) is not None]
+        max_tokens = INF_TOKENS if spec.max_output_tokens == "inf" else int(spec.max_output_tokens)
+        sampling = Sampling(max_tokens=max_tokens, temperature=spec.temperature)
+        speech = Speech(spec.voice, TalkerSampling(max_tokens=talker_max_codes(max_tokens))) if spec.audio else None
+        return OmniRequest(self.id, tuple(messages), sampling, speech)
+
+    def _text(self, delta: TextDelta) -> None:
+        part = self.item.parts[0]
+        part.text += delta.text
+        self.num_text_tokens += len(delta.token_ids)
+        if delta.text:
+            self.timer.text()
+            kind = "response.output_audio_transcript.delta" if self.spec.audio else "response.output_text.delta"
+            self.outbox.send(p.event(kind, **self._ids(), delta=delta.text), self.id)
+
+    def _audio(self, samples: np.ndarray) -> None:
+        self.timer.audio(len(samples))
+        self.item.parts[0].audio_ms += len(samples) * 1000 / SAMPLE_RATE
+        pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+        for start in range(0, len(pcm), 2 * DELTA_SAMPLES):
+            delta = base64.b64encode(pcm[start : start + 2 * DELTA_SAMPLES]).decode("ascii")
+            self.outbox.send(p.event("response.output_audio.delta", **self._ids(), delta=delta), self.id)
+
+    def _finish(self, status: str, details: dict | None, finished: Finished | None, notify: bool = True) -> None:
+        """Gives the stream slot back and sends the closing events, once, however the response ended."""
+        if self.finished:
+            return
+        self.finished = True
+        u = finished.usage if finished else None
+        self.state.limiter.release()
+        self.state.metrics.live_streams.dec()
+        label = {"completed": "ok", "incomplete": "ok", "cancelled": "cancelled"}.get(status, "error")
+        self.timer.finish(label, *((u.prompt_tokens, u.text_tokens, u.audio_tokens) if u else ()))
+        if self.session.response is self:
+            self.session.response = None
+        self.item.status = "completed" if status == "completed" else "incomplete"
+        if not notify:
+            return
+        part = self.item.parts[0]
+        if self.spec.audio:
+            self.outbox.send(p.event("response.output_audio.done", **self._ids()))
+            self.outbox.send(p.event("response.output_audio_transcript.done", **self._ids(), transcript=part.text))
+        else:
+            self.outbox.send(p.event("response.output_text.done", **self._ids(), text=part.text))
+        self.outbox.send(p.event("response.content_part.done", **self._ids(), part=self._part_json()))
+        self.outbox.send(
+            p.event("response.output_item.done", response_id=self.id, output_index=0, item=self._item_json())
+        )
+        if self.spec.conversation == "auto":
+            done = {"previous_item_id": self.previous_item_id, "item": self._item_json()}
+            self.outbox.send(p.event("conversation.item.done", **done))
+        self.outbox.send(p.event("response.done", response=self._json(status, details, self._usage(finished))))
+
+    def _usage(self, finished: Finished | None) -> dict[str, Any]:
+        """Token counts; a cancelled response counts what it generated and, its prompt unknown, no input."""
+        if finished is not None:
+            prompt, text, codes = finished.usage.prompt_tokens, finished.usage.text_tokens, finished.usage.audio_tokens
+        else:  # 50 codes per second of audio
+            prompt, text, codes = 0, self.num_text_tokens, round(self.item.parts[0].audio_ms / 20)
+        clips = [q.samples for i in self.spec.context for q in i.parts if q.samples is not None]
+        heard = sum(audio_token_count(len(clip)) for clip in clips)
+        audio_in = min(prompt, heard)
+        return {
+            "total_tokens": prompt + text + codes,
+            "input_tokens": prompt,
+            "output_tokens": text + codes,
+            "input_token_details": {
+                "text_tokens": prompt - audio_in,
+                "audio_tokens": audio_in,
+                "image_tokens": 0,
+                "cached_tokens": 0,
+            },
+            "output_token_details": {"text_tokens": text, "audio_tokens": codes},
+        }
+
+    def _ids(self) -> dict[str, Any]:
+        return {"response_id": self.id, "item_id": self.item.id, "output_index": 0, "content_index": 0}
+
+    def _part_json(self) -> dict[str, Any]:
+        part = self.item.parts[0]
+        return {"type": "audio", "transcript": part.text} if self.spec.audio else {"type": "text", "text": part.text}
+
+    def _item_json(self) -> dict[str, Any]:
+        return self.item.to_json()
+
+    def _json(self, status: str, details: dict | None = None, usage: dict | None = None) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "object": "realtime.response",
+            "id": self.id,
+            "status": status,
+            "status_details": details,
+            "output": [] if status == "in_progress" else [self.item.to_json()],
+            "conversation_id": self.session.conversation_id if spec.conversation == "auto" else None,
+            "output_modalities": spec.modalities,
+            "max_output_tokens": spec.max_output_tokens,
+            "audio": {"output": {"format": p.PCM, "voice": spec.voice_name}},
+            "usage": usage,
+            "metadata": spec.metadata,
+        }

@@ -1,0 +1,273 @@
+"""One Realtime session's state: its configuration, the input audio buffer, the conversation, the live response."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from omnitalk.engine import media
+from omnitalk.engine.request import Audio, Image, Message, Part, Text
+from omnitalk.engine.thinker.prompt import SPEECH_SYSTEM_PROMPT
+from omnitalk.server import speech
+from omnitalk.server.realtime import protocol as p
+from omnitalk.server.realtime.protocol import SAMPLE_RATE, ClientError
+from omnitalk.server.realtime.vad import EAGERNESS_SILENCE_MS, TurnDetector
+
+if TYPE_CHECKING:
+    from omnitalk.server.realtime.response import LiveResponse
+
+_EXTRAS = ("tools", "tool_choice", "tracing", "truncation", "prompt", "include", "parallel_tool_calls", "reasoning")
+
+
+def resolve_voice(voice: str, voices: list[str], param: str) -> str:
+    try:
+        return speech.resolve_voice(voice, voices)
+    except ValueError as error:
+        raise ClientError(str(error), param=param) from error
+
+
+@dataclass(slots=True)
+class SessionConfig:
+    model: str
+    voice: str  # as the client named it; resolved to the checkpoint's per response
+    output_modalities: list[str] = field(default_factory=lambda: ["audio"])
+    instructions: str = SPEECH_SYSTEM_PROMPT
+    max_output_tokens: int | str = "inf"
+    temperature: float = 0.8  # OpenAI's Realtime default
+    turn_detection: p.ServerVad | p.SemanticVad | None = field(default_factory=lambda: p.ServerVad(type="server_vad"))
+    transcription: Any = None
+    noise_reduction: Any = None
+    extras: dict[str, Any] = field(default_factory=lambda: {"tools": [], "tool_choice": "auto", "tracing": None})
+
+    def updated(self, update: p.Session, voices: list[str]) -> SessionConfig:
+        """A new config with the update's fields applied; the old one is untouched if anything is invalid."""
+        given = update.model_fields_set
+        changes = {k: getattr(update, k) for k in _SIMPLE_FIELDS if k in given and getattr(update, k) is not None}
+        extras = {**self.extras, **{k: getattr(update, k) for k in given if k in _EXTRAS}}
+        audio = update.audio
+        if audio is not None and audio.input is not None:
+            changes |= {k: getattr(audio.input, k) for k in audio.input.model_fields_set if k != "format"}
+        if audio is not None and audio.output is not None and audio.output.voice is not None:
+            resolve_voice(audio.output.voice, voices, "session.audio.output.voice")
+            changes["voice"] = audio.output.voice
+        return dataclasses.replace(self, **changes, extras=extras)
+
+    def vad(self, position_24k: int) -> TurnDetector | None:
+        """A fresh detector for the current turn detection, starting at the given point of the input timeline."""
+        td = self.turn_detection
+        if td is None:
+            return None
+        if isinstance(td, p.SemanticVad):
+            return TurnDetector(silence_duration_ms=EAGERNESS_SILENCE_MS[td.eagerness], position=position_24k * 2 // 3)
+        return TurnDetector(td.threshold, td.prefix_padding_ms, td.silence_duration_ms, position=position_24k * 2 // 3)
+
+    def to_json(self, session_id: str) -> dict[str, Any]:
+        turn = None if self.turn_detection is None else self.turn_detection.model_dump()
+        return {
+            "type": "realtime",
+            "object": "realtime.session",
+            "id": session_id,
+            "model": self.model,
+            "output_modalities": self.output_modalities,
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "audio": {
+                "input": {
+                    "format": p.PCM,
+                    "transcription": self.transcription,
+                    "noise_reduction": self.noise_reduction,
+                    "turn_detection": turn,
+                },
+                "output": {"format": p.PCM, "voice": self.voice, "speed": 1.0},
+            },
+            **self.extras,
+        }
+
+
+_SIMPLE_FIELDS = ("output_modalities", "instructions", "max_output_tokens", "temperature")
+
+
+@dataclass(slots=True)
+class ItemPart:
+    type: str  # input_text | input_audio | input_image | output_text | output_audio
+    text: str | None = None  # the text, or an audio part's transcript (None: unknown)
+    samples: np.ndarray | None = None  # input_audio: float32 at 16 kHz, as the thinker takes it
+    image: PILImage.Image | None = None
+    audio_ms: float = 0.0  # output_audio: how much audio the client got; what truncation may keep
+
+    def to_json(self) -> dict[str, Any]:
+        if self.type in ("input_text", "output_text"):
+            return {"type": self.type, "text": self.text or ""}
+        if self.type == "input_image":
+            return {"type": self.type}
+        return {"type": self.type, "transcript": self.text}  # audio bytes are never echoed
+
+    def engine_part(self) -> Part | None:
+        if self.samples is not None:
+            return Audio(self.samples)
+        if self.image is not None:
+            return Image(self.image)
+        return Text(self.text) if self.text else None
+
+
+@dataclass(slots=True)
+class Item:
+    id: str
+    role: str
+    parts: list[ItemPart]
+    status: str = "completed"
+
+    def to_json(self) -> dict[str, Any]:
+        content = [part.to_json() for part in self.parts]
+        return {
+            "id": self.id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": self.status,
+            "role": self.role,
+            "content": content,
+        }
+
+    def message(self) -> Message | None:
+        parts = tuple(q for q in (part.engine_part() for part in self.parts) if q is not None)
+        return Message(self.role, parts) if parts else None  # type: ignore[arg-type]
+
+
+def user_audio_item(item_id: str, pcm: bytes, max_seconds: float) -> Item:
+    """The item a committed buffer becomes (blocking: decodes and resamples)."""
+    return Item(item_id, "user", [ItemPart("input_audio", samples=_decode(pcm, max_seconds, "audio"))])
+
+
+def build_item(item: p.Item, max_seconds: float) -> Item:
+    """A conversation item from a client's (blocking: decodes media). ClientError if it cannot be used."""
+    if item.type != "message":
+        raise ClientError(
+            f"{item.type} items are not supported: this server has no function calling", param="item.type"
+        )
+    if item.role is None or not item.content:
+        missing = "item.role" if item.role is None else "item.content"
+        raise ClientError(f"a message item needs {missing}", code="missing_required_parameter", param=missing)
+    parts = [_part(item.role, c, max_seconds, f"item.content[{i}]") for i, c in enumerate(item.content)]
+    return Item(item.id or p.new_id("item"), item.role, parts)
+
+
+_ALIASES = {
+    "user": {"text": "input_text"},
+    "system": {"text": "input_text"},
+    "assistant": {"text": "output_text", "audio": "output_audio"},
+}
+_ALLOWED = {
+    "user": ("input_text", "input_audio", "input_image"),
+    "system": ("input_text",),
+    "assistant": ("output_text", "output_audio"),
+}
+
+
+def _part(role: str, c: p.ContentPart, max_seconds: float, where: str) -> ItemPart:
+    kind = _ALIASES[role].get(c.type, c.type)
+    if kind not in _ALLOWED[role]:
+        raise ClientError(f"{role} items take {', '.join(_ALLOWED[role])} content, not {c.type}", param=f"{where}.type")
+    if kind in ("input_text", "output_text"):
+        if c.text is None:
+            raise ClientError(f"{kind} content needs text", code="missing_required_parameter", param=f"{where}.text")
+        return ItemPart(kind, c.text)
+    if kind == "input_audio":
+        if c.audio is None:
+            raise ClientError(
+                "input_audio content needs audio", code="missing_required_parameter", param=f"{where}.audio"
+            )
+        pcm = p.decode_pcm16(c.audio, f"{where}.audio")
+        return ItemPart(kind, c.transcript, samples=_decode(pcm, max_seconds, f"{where}.audio"))
+    if kind == "input_image":
+        try:
+            _, data = media.decode_data_url(c.image_url or "")
+            return ItemPart(kind, image=media.load_image(data))
+        except media.MediaError as error:
+            raise ClientError(f"input_image: {error}", param=f"{where}.image_url") from error
+    # output_audio: only the transcript reaches the thinker; the audio, if sent, bounds truncation
+    audio_ms = len(p.decode_pcm16(c.audio, f"{where}.audio")) / 2 / SAMPLE_RATE * 1000 if c.audio else 0.0
+    return ItemPart(kind, c.transcript or "", audio_ms=audio_ms)
+
+
+def _decode(pcm: bytes, max_seconds: float, param: str) -> np.ndarray:
+    seconds = len(pcm) / 2 / SAMPLE_RATE
+    if seconds > max_seconds:
+        raise ClientError(f"the audio lasts {seconds:.1f} s; at most {max_seconds:g} s is accepted", param=param)
+    try:
+        return media.load_audio(pcm, format=media.PCM16, sample_rate=SAMPLE_RATE)
+    except media.MediaError as error:
+        raise ClientError(str(error), param=param) from error
+
+
+@dataclass(slots=True)
+class Conversation:
+    items: list[Item] = field(default_factory=list)
+
+    def find(self, item_id: str, param: str = "item_id") -> Item:
+        for item in self.items:
+            if item.id == item_id:
+                return item
+        raise ClientError(f"no item with id {item_id!r} in the conversation", code="item_not_found", param=param)
+
+    def insert(self, item: Item, previous_item_id: str | None = None) -> str | None:
+        """Adds `item` after `previous_item_id` ("root": first; None: last); returns the id now before it."""
+        if any(i.id == item.id for i in self.items):
+            raise ClientError(f"an item with id {item.id!r} already exists", code="item_id_taken", param="item.id")
+        if previous_item_id is None:
+            index = len(self.items)
+        elif previous_item_id == "root":
+            index = 0
+        else:
+            index = self.items.index(self.find(previous_item_id, "previous_item_id")) + 1
+        self.items.insert(index, item)
+        return self.items[index - 1].id if index else None
+
+    def remove(self, item_id: str) -> None:
+        self.items.remove(self.find(item_id))
+
+    @property
+    def last_id(self) -> str | None:
+        return self.items[-1].id if self.items else None
+
+
+@dataclass(slots=True)
+class InputBuffer:
+    """pcm16 at 24 kHz, with its place on the session's input timeline (every sample ever appended)."""
+
+    pcm: bytearray = field(default_factory=bytearray)
+    start: int = 0  # timeline sample index of pcm[0]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.pcm) // 2
+
+    def take(self, until_ms: int | None = None) -> bytes:
+        """Removes and returns the audio up to `until_ms` on the timeline (everything if None)."""
+        cut = len(self.pcm) if until_ms is None else min(len(self.pcm), max(0, until_ms * 24 - self.start) * 2)
+        taken = bytes(self.pcm[:cut])
+        del self.pcm[:cut]
+        self.start += cut // 2
+        return taken
+
+    def keep_from(self, ms: int) -> None:
+        """Drops audio before `ms` on the timeline (what server VAD will never commit)."""
+        self.take(ms)
+
+
+@dataclass(slots=True)
+class RealtimeSession:
+    id: str
+    config: SessionConfig
+    conversation_id: str = field(default_factory=lambda: p.new_id("conv"))
+    buffer: InputBuffer = field(default_factory=InputBuffer)
+    conversation: Conversation = field(default_factory=Conversation)
+    vad: TurnDetector | None = None
+    turn_item_id: str | None = None  # announced by speech_started, used by the commit that ends the turn
+    response: LiveResponse | None = None
+
+    def __post_init__(self) -> None:
+        self.vad = self.config.vad(self.buffer.end)
