@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -69,10 +68,6 @@ class EngineConfig:
     thinker: ThinkerConfig
     speech_device: str = "cpu"
     max_speech_streams: int = 64
-
-    @classmethod
-    def for_model(cls, model: Path, **thinker: object) -> EngineConfig:
-        return cls(ThinkerConfig(model=model, **thinker))
 
 
 class OmniEngine:

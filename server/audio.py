@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 
 import av
@@ -12,14 +11,6 @@ import soundfile
 
 SAMPLE_RATE = 24_000
 FORMATS = ("pcm16", "wav", "flac", "mp3", "opus", "aac")
-MIME_TYPES = {
-    "pcm16": "audio/pcm",
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "aac": "audio/aac",
-}
 _PYAV = {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus"), "aac": ("adts", "aac")}  # container, encoder
 
 
@@ -30,20 +21,6 @@ def to_pcm16(samples: np.ndarray) -> bytes:
 
 def pcm16_base64(samples: np.ndarray) -> str:
     return base64.b64encode(to_pcm16(samples)).decode("ascii")
-
-
-def from_pcm16(data: bytes) -> np.ndarray:
-    """Float32 samples in [-1, 1] from raw little-endian 16-bit ones (an odd trailing byte is an error)."""
-    if len(data) % 2:
-        raise ValueError(f"pcm16 audio must hold whole 16-bit samples; got {len(data)} bytes")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-
-
-def from_pcm16_base64(text: str) -> np.ndarray:
-    try:
-        return from_pcm16(base64.b64decode(text, validate=True))
-    except binascii.Error as error:
-        raise ValueError(f"the audio is not valid base64: {error}") from error
 
 
 def encode(samples: np.ndarray, format: str) -> bytes:

@@ -17,6 +17,7 @@ from omnitalk.engine.request import Message, Sampling, Text
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerInputError
 from omnitalk.engine.thinker.prompt import PromptError, audio_token_count
+from omnitalk.server import audio
 from omnitalk.server.metrics import ResponseTimer
 from omnitalk.server.realtime import protocol as p
 from omnitalk.server.realtime.outbox import Outbox
@@ -184,7 +185,7 @@ class LiveResponse:
     def _audio(self, samples: np.ndarray) -> None:
         self.timer.audio(len(samples))
         self.item.parts[0].audio_ms += len(samples) * 1000 / SAMPLE_RATE
-        pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+        pcm = audio.to_pcm16(samples)
         for start in range(0, len(pcm), 2 * DELTA_SAMPLES):
             delta = base64.b64encode(pcm[start : start + 2 * DELTA_SAMPLES]).decode("ascii")
             self.outbox.send(p.event("response.output_audio.delta", **self._ids(), delta=delta), self.id)
