@@ -23,6 +23,7 @@ import torch
 
 from omnitalk.engine.omni import AudioDelta, EngineConfig, OmniEngine, OmniRequest, Speech, TextDelta
 from omnitalk.engine.request import Message, Sampling, Text
+from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerConfig
 from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
@@ -162,7 +163,7 @@ async def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, streams = args.model or tiny_checkpoint(), max(8, *args.concurrency)
     thinker = ThinkerConfig(model=model, dtype="float32", max_model_len=4096, max_num_seqs=streams)
-    engine = OmniEngine.start(EngineConfig(thinker, max_speech_streams=streams))
+    engine = OmniEngine.start(EngineConfig(thinker, SpeechConfig(max_streams=streams)))
     busy = {"thinker": 0.0, "talker": 0.0, "code2wav": 0.0}
     reference = Transformers(model, args.plain_transformers, busy)
     speech = engine.speech

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from omnitalk.engine.request import Message, Sampling, ThinkerRequest
+from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine, SpeechFailed
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
@@ -66,8 +67,7 @@ OmniEvent = TextDelta | AudioDelta | Finished
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     thinker: ThinkerConfig
-    speech_device: str = "cpu"
-    max_speech_streams: int = 64
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
 
 
 class OmniEngine:
@@ -79,9 +79,7 @@ class OmniEngine:
     @classmethod
     def start(cls, config: EngineConfig) -> OmniEngine:
         thinker = ThinkerEngine(config.thinker)
-        speech = SpeechEngine.from_checkpoint(
-            config.thinker.model, device=config.speech_device, max_batch=config.max_speech_streams
-        )
+        speech = SpeechEngine.from_checkpoint(config.thinker.model, config.speech)
         return cls(thinker, speech)
 
     def shutdown(self) -> None:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from omnitalk.engine.omni import EngineConfig, OmniEngine
+from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.thinker.engine import ThinkerConfig
 from omnitalk.server import errors
 from omnitalk.server.chat.routes import router as chat_router
@@ -23,7 +24,7 @@ log = logging.getLogger("omnitalk")
 def engine_config(state: ServerState) -> EngineConfig:
     s = state.settings
     thinker = ThinkerConfig(model=s.model, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs)
-    return EngineConfig(thinker, speech_device=s.speech_device, max_speech_streams=s.max_concurrent_streams)
+    return EngineConfig(thinker, SpeechConfig(device=s.speech_device, max_streams=s.max_concurrent_streams))
 
 
 def create_app(state: ServerState) -> FastAPI:

@@ -13,6 +13,7 @@ import uvicorn
 from oracle import Reference
 
 from omnitalk.engine.omni import OmniEngine
+from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.engine import SpeechEngine
 from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
 from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
@@ -60,7 +61,7 @@ async def thinker(tiny_dir: Path) -> AsyncIterator[ThinkerEngine]:
 
 @pytest.fixture(scope="session")
 def speech(tiny_dir: Path) -> Iterator[SpeechEngine]:
-    engine = SpeechEngine.from_checkpoint(tiny_dir, max_batch=8)
+    engine = SpeechEngine.from_checkpoint(tiny_dir, SpeechConfig(max_streams=8))
     yield engine
     engine.shutdown()
 

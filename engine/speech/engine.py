@@ -15,6 +15,7 @@ import torch
 
 from omnitalk.codecs.code2wav import Code2Wav
 from omnitalk.codecs.streaming import Code2WavStream
+from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.policy import Candidate, PlaybackClock, Work, choose
 from omnitalk.engine.talker.runner import Talker
 from omnitalk.engine.talker.sampling import TalkerSampling
@@ -73,12 +74,11 @@ class SpeechEngine:
         self._thread.start()
 
     @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, device: str = "cpu", max_batch: int = 64, max_len: int = 4096
-    ) -> SpeechEngine:
+    def from_checkpoint(cls, path: str | Path, config: SpeechConfig, max_len: int = 4096) -> SpeechEngine:
         """`max_len` bounds each stream's talker cache: its prompt + 2 + codes (slots are preallocated)."""
-        talker = Talker.from_checkpoint(path, device=device, max_slots=max_batch, max_len=max_len)
-        return cls(talker, Code2Wav.from_checkpoint(path, device=device), max_batch=max_batch)
+        talker = Talker.from_checkpoint(path, device=config.device, max_slots=config.max_streams, max_len=max_len)
+        code2wav = Code2Wav.from_checkpoint(path, device=config.device)
+        return cls(talker, code2wav, max_batch=config.max_streams)
 
     @property
     def voices(self) -> list[str]:
