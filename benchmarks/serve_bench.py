@@ -132,10 +132,9 @@ async def in_process(args: argparse.Namespace, inputs: list[BenchInput], loads: 
     from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
     from omnitalk.server.app import engine_config
     from omnitalk.server.settings import ServerSettings
-    from omnitalk.server.state import ServerState
 
     settings = ServerSettings(model=args.model or tiny_checkpoint(), max_concurrent_streams=max(args.concurrency))
-    engine = await asyncio.to_thread(OmniEngine.start, engine_config(ServerState(settings, "in-process")))
+    engine = await asyncio.to_thread(OmniEngine.start, engine_config(settings))
     try:
         send, config = engine_sender(engine, args), BenchConfig("", "", inputs, loads)
         await send(inputs[0], RequestRecord(-1, "warmup", ""))

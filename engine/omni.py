@@ -13,6 +13,7 @@ from omnitalk.engine.request import Message, Sampling, ThinkerRequest
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine, SpeechFailed
 from omnitalk.engine.talker.sampling import TalkerSampling
+from omnitalk.engine.thinker.config import ThinkerStartError, pin_v1_runner
 from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
 
@@ -68,6 +69,23 @@ OmniEvent = TextDelta | AudioDelta | Finished
 class EngineConfig:
     thinker: ThinkerConfig
     speech: SpeechConfig = field(default_factory=SpeechConfig)
+
+
+def check_startup(config: EngineConfig) -> None:
+    """What can be refused before any engine process starts, each with a one-line ValueError: a missing
+    checkpoint, a speech device or dtype this machine lacks, more GPUs than it has, an unsupported runner."""
+    import torch
+
+    if not (config.thinker.model / "config.json").is_file():
+        raise ValueError(f"{config.thinker.model} is not a Hugging Face checkpoint directory (no config.json)")
+    config.speech.torch_dtype()  # resolves, and so checks, the device too
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and (tp := config.thinker.tensor_parallel_size) > gpus:
+        raise ValueError(f"tensor_parallel_size {tp} needs more GPUs than the {gpus} visible")
+    try:
+        pin_v1_runner()
+    except ThinkerStartError as error:
+        raise ValueError(str(error)) from None
 
 
 class OmniEngine:

@@ -16,15 +16,19 @@ from omnitalk.engine.thinker.engine import ThinkerConfig
 from omnitalk.server import errors
 from omnitalk.server.chat.routes import router as chat_router
 from omnitalk.server.realtime.routes import router as realtime_router
+from omnitalk.server.settings import VLLM_FIELDS, ServerSettings
 from omnitalk.server.state import ServerState
 
 log = logging.getLogger("omnitalk")
 
 
-def engine_config(state: ServerState) -> EngineConfig:
-    s = state.settings
-    thinker = ThinkerConfig(model=s.model, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs)
-    return EngineConfig(thinker, SpeechConfig(device=s.speech_device, max_streams=s.max_concurrent_streams))
+def engine_config(settings: ServerSettings) -> EngineConfig:
+    """The engine `omnitalk serve` runs for these settings (`settings.model` must be set)."""
+    thinker = ThinkerConfig(model=settings.model, **{name: getattr(settings, name) for name in VLLM_FIELDS})
+    speech = SpeechConfig(
+        device=settings.speech_device, dtype=settings.speech_dtype, max_streams=settings.max_concurrent_streams
+    )
+    return EngineConfig(thinker, speech)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -71,7 +75,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 async def _load(state: ServerState) -> None:
     try:
-        state.engine = await asyncio.to_thread(OmniEngine.start, engine_config(state))
+        state.engine = await asyncio.to_thread(OmniEngine.start, engine_config(state.settings))
         log.info("engine ready: serving %s", state.model_name)
     except Exception:
         log.exception("the engine failed to start")

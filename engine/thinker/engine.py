@@ -9,7 +9,6 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import zmq
@@ -19,6 +18,7 @@ from vllm.v1.engine.exceptions import EngineGenerateError
 
 from omnitalk.engine.request import Sampling, ThinkerRequest
 from omnitalk.engine.thinker import rows as wire
+from omnitalk.engine.thinker.config import ThinkerConfig, check_vllm_config, pin_v1_runner, served_dtype
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.prompt import PromptError, build_prompt
 
@@ -26,16 +26,30 @@ log = logging.getLogger(__name__)
 WORKER_CLS = "omnitalk.engine.thinker.tap.HiddenStateWorker"
 
 
-@dataclass(frozen=True, slots=True)
-class ThinkerConfig:
-    model: Path
-    max_model_len: int | None = None  # None: the checkpoint's
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int | None = None  # chunked-prefill token budget per step; None: vLLM's default
-    gpu_memory_utilization: float | None = None  # None: 0.25 on CPU (a share of RAM there), 0.6 on GPU
-    dtype: str = "auto"
-    enable_prefix_caching: bool = False
-    seed: int = 0
+def engine_args(config: ThinkerConfig, rows_address: str):
+    """vLLM's AsyncEngineArgs for `config`; the tap's worker class and its socket address ride along."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms import current_platform
+
+    memory = config.gpu_memory_utilization or (0.25 if current_platform.is_cpu() else 0.6)
+    return AsyncEngineArgs(
+        model=str(config.model),
+        dtype=served_dtype(config),
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_chunked_prefill=True,
+        enable_prefix_caching=config.enable_prefix_caching,
+        gpu_memory_utilization=memory,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.enforce_eager,
+        kv_cache_dtype=config.kv_cache_dtype,
+        quantization=config.quantization,
+        distributed_executor_backend=config.distributed_executor_backend,
+        seed=config.seed,
+        worker_cls=WORKER_CLS,
+        additional_config={wire.ADDRESS_KEY: rows_address},
+    )
 
 
 class ThinkerInputError(ValueError):
@@ -57,28 +71,16 @@ class ThinkerEngine:
 
     def __init__(self, config: ThinkerConfig) -> None:
         from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        pin_v1_runner()
         self._address = f"ipc://{tempfile.gettempdir()}/omnitalk-rows-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        args = engine_args(config, self._address)
+        vllm_config = args.create_engine_config()
+        check_vllm_config(vllm_config)
         self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
         self._socket.bind(self._address)
-        memory = config.gpu_memory_utilization or (0.25 if current_platform.is_cpu() else 0.6)
-        args = AsyncEngineArgs(
-            model=str(config.model),
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            enable_chunked_prefill=True,
-            enable_prefix_caching=config.enable_prefix_caching,
-            gpu_memory_utilization=memory,
-            seed=config.seed,
-            worker_cls=WORKER_CLS,
-            additional_config={wire.ADDRESS_KEY: self._address},
-        )
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=args.disable_log_stats)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.max_model_len = self.llm.model_config.max_model_len
         self._streams: dict[str, asyncio.Queue] = {}

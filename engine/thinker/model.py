@@ -8,12 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from vllm.model_executor.models.qwen2_5_omni_thinker import (
-    Qwen2_5OmniThinkerForConditionalGeneration,
-    merge_interleaved_embeddings,
-)
+from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerForConditionalGeneration
 from vllm.multimodal.inputs import MultiModalFeatureSpec
-from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+from vllm.multimodal.utils import get_mm_embedding_modalities
 
 
 def _line(length: int, start: int) -> np.ndarray:
@@ -39,6 +36,28 @@ def _chunks(values: np.ndarray, per_chunk: int) -> list[slice]:
     return [slice(a, b) for a, b in pairwise(bounds)]
 
 
+def merge_by_modality(
+    embeds: torch.Tensor,
+    multimodal_embeddings: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    is_multimodal: torch.Tensor,
+    *,
+    video_token: int,
+    audio_token: int,
+) -> torch.Tensor:
+    """Scatters each modality's embeddings, in order, into its own placeholder rows of `embeds` (in place).
+    Every tensor is on `embeds`' device; `masked_scatter_` needs no count on the host, so nothing syncs."""
+    is_video = is_multimodal & (input_ids == video_token)
+    is_audio = is_multimodal & (input_ids == audio_token)
+    masks = {"video": is_video, "audio": is_audio, "image": is_multimodal & ~is_video & ~is_audio}
+    modalities = get_mm_embedding_modalities(multimodal_embeddings)
+    for modality, mask in masks.items():
+        group = [e for e, m in zip(multimodal_embeddings, modalities, strict=True) if m == modality]
+        if group:
+            embeds.masked_scatter_(mask.unsqueeze(-1), torch.cat(group).to(embeds.dtype))
+    return embeds
+
+
 class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGeneration):
     """Overrides two methods; the inherited `_processor_factory` keeps vLLM's multimodal processor."""
 
@@ -49,20 +68,22 @@ class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenera
         *,
         is_multimodal: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # vLLM merges by modality only when a step's audio and video tokens interleave; a prefill chunk that
-        # cuts an audio-in-video block can hold `A...A V...V`, which its fallback fills in embedding order,
-        # giving audio rows video embeddings. Merging by modality is right in every order.
-        if multimodal_embeddings and is_multimodal is not None:
-            with gpu_sync_allowed():
-                ids = input_ids.cpu()
-            is_video = is_multimodal & (ids == self.config.video_token_index)
-            is_audio = is_multimodal & (ids == self.config.audio_token_index)
-            if is_video.any() and is_audio.any():
-                embeds = self._embed_text_input_ids(
-                    input_ids, self.get_language_model().embed_input_ids, is_multimodal=is_multimodal
-                )
-                return merge_interleaved_embeddings(embeds, multimodal_embeddings, is_video, is_audio, is_multimodal)
-        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        # vLLM's own override copies input_ids to the host to find interleaved audio-in-video tokens and,
+        # when a chunk holds `A...A V...V`, fills audio rows with video embeddings. Merging by modality,
+        # on the device, is right in every order and needs no host copy.
+        if not multimodal_embeddings or is_multimodal is None:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        embeds = self._embed_text_input_ids(
+            input_ids, self.get_language_model().embed_input_ids, is_multimodal=is_multimodal
+        )
+        return merge_by_modality(
+            embeds,
+            multimodal_embeddings,
+            input_ids,
+            is_multimodal.to(input_ids.device, non_blocking=True),  # the V1 runner's mask is in pinned host memory
+            video_token=self.config.video_token_index,
+            audio_token=self.config.audio_token_index,
+        )
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]

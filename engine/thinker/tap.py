@@ -1,21 +1,27 @@
 """vLLM worker that publishes, after every forward, the last-layer hidden state of each row of tapped requests.
 
 Named through vLLM's `worker_cls` setting; it subclasses the platform's own worker and overrides only
-`execute_model`. It reads private model-runner state (V1 runner: `execute_model_state.hidden_states`, the
-final-norm output for every scheduled token, and the batch layout), hence the pinned vLLM version and the
-parity tests. A row's position is the request's computed-token count at the start of the step plus its
-offset in the step, so prompt rows leave as each prefill chunk completes and each decode step sends one
-row: the hidden state of the token just fed back.
+`init_device` (to refuse a runner it cannot read) and `execute_model`. It reads private model-runner state
+(V1 runner only: `execute_model_state.hidden_states`, the final-norm output for every scheduled token, and the
+batch layout), hence the pinned vLLM version, the pinned V1 runner and the parity tests. A row's position is
+the request's computed-token count at the start of the step plus its offset in the step, so prompt rows leave
+as each prefill chunk completes and each decode step sends one row: the hidden state of the token just fed
+back. Rows leave the device through an asynchronous copy and are sent from a background thread, so
+`execute_model` returns as soon as the copy is queued.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from dataclasses import dataclass
 
 import torch
 import zmq
 
 from omnitalk.engine.thinker import rows as wire
+from omnitalk.engine.thinker.config import check_runner
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +38,71 @@ def _platform_worker() -> type:
     return Worker
 
 
+@dataclass(slots=True)
+class _Step:
+    """One step's tapped rows, already on their way to host memory; `ready` fires when they are there."""
+
+    spans: list[wire.RowSpan]
+    rows: torch.Tensor  # [sum(num_rows), hidden] on the CPU (pinned when the model runs on CUDA)
+    ready: torch.Event | None
+    prompts: list[tuple[str, torch.Tensor]]  # (stream id, [3, L] CPU positions) of prompts starting now
+
+
+class Publisher:
+    """Sends steps from a background thread, in order: `execute_model` only enqueues the device-to-host copy.
+    A step that cannot be sent is logged and dropped; the engine goes on (its streams end without rows)."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self._steps: queue.SimpleQueue[_Step] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="omnitalk-tap", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: _Step) -> None:
+        self._steps.put(step)
+
+    def _run(self) -> None:
+        socket = zmq.Context.instance().socket(zmq.PUSH)
+        socket.connect(self._address)
+        while True:
+            step = self._steps.get()
+            try:
+                if step.ready is not None:
+                    step.ready.synchronize()  # releases the GIL while the copy finishes
+                prompts = [wire.PromptPositions(key, pos.flatten().tolist()) for key, pos in step.prompts]
+                socket.send_multipart(wire.encode(step.spans, step.rows, prompts), copy=False)
+            except Exception:
+                log.exception("hidden-state tap: dropping a step of %d spans", len(step.spans))
+
+
+def to_host(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Event | None]:
+    """Starts copying device rows into pinned host memory and returns at once with the event that marks the
+    copy's end; CPU rows are returned as they are. The copy is queued on the current stream, after the
+    forward that wrote the rows and before the next step can overwrite vLLM's hidden-state buffer."""
+    if rows.device.type == "cpu":
+        return rows.contiguous(), None
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    ready = torch.Event(device=rows.device)
+    ready.record()
+    return host, ready
+
+
 class HiddenStateWorker(_platform_worker()):
-    _socket: zmq.Socket | None = None
+    _publisher: Publisher | None = None
     _publishes: bool | None = None
+
+    def init_device(self) -> None:
+        super().init_device()
+        check_runner(self.model_runner)
 
     def execute_model(self, scheduler_output):
         output = super().execute_model(scheduler_output)
         if self._should_publish():
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # the tap must never take the EngineCore down with it
+                log.exception("hidden-state tap: dropping this step's rows")
         return output
 
     def _should_publish(self) -> bool:
@@ -50,8 +113,7 @@ class HiddenStateWorker(_platform_worker()):
             first_tp_of_last_pp = get_tp_group().rank_in_group == 0 and get_pp_group().is_last_rank
             self._publishes = bool(address) and first_tp_of_last_pp
             if self._publishes:
-                self._socket = zmq.Context.instance().socket(zmq.PUSH)
-                self._socket.connect(address)
+                self._publisher = Publisher(address)
         return self._publishes
 
     def _publish(self) -> None:
@@ -61,7 +123,7 @@ class HiddenStateWorker(_platform_worker()):
             return
         batch = runner.input_batch
         num_reqs = batch.num_reqs
-        starts = runner.query_start_loc.np[: num_reqs + 1]
+        starts = runner.query_start_loc.np[: num_reqs + 1]  # host copies: reading them does not sync
         spans, pieces, prompts = [], [], []
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             request = runner.requests[req_id]
@@ -74,7 +136,7 @@ class HiddenStateWorker(_platform_worker()):
             pieces.append(state.hidden_states[begin:end])
             if first_position == 0 and request.mrope_positions is not None:
                 positions = request.mrope_positions[:, : len(request.prompt_token_ids or ())]
-                prompts.append(wire.PromptPositions(stream_id, positions.flatten().tolist()))
+                prompts.append((stream_id, positions.clone()))  # the runner may rewrite its own in place
         if spans:
-            rows = torch.cat(pieces).to("cpu", non_blocking=False).contiguous()
-            self._socket.send_multipart(wire.encode(spans, rows, prompts), copy=False)
+            rows, ready = to_host(torch.cat(pieces))
+            self._publisher.submit(_Step(spans, rows, ready, prompts))
