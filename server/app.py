@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from omnitalk.engine.omni import EngineConfig, OmniEngine
 from omnitalk.engine.speech.config import SpeechConfig
+from omnitalk.engine.thinker.config import ThinkerStartError
 from omnitalk.engine.thinker.engine import ThinkerConfig
 from omnitalk.server import errors
 from omnitalk.server.chat.routes import router as chat_router
@@ -77,6 +78,8 @@ async def _load(state: ServerState) -> None:
     try:
         state.engine = await asyncio.to_thread(OmniEngine.start, engine_config(state.settings))
         log.info("engine ready: serving %s", state.model_name)
+    except ThinkerStartError as error:  # a configuration vLLM accepted but the tap cannot serve: say so, once
+        log.error("the engine cannot start: %s", error)
     except Exception:
         log.exception("the engine failed to start")
         raise

@@ -47,7 +47,7 @@ class ServerSettings(BaseSettings):
     speech_device: str = "auto"
     """where the talker and Code2Wav run: auto (the thinker's GPU on CUDA, else cpu), cpu, cuda:N"""
     speech_dtype: str = "auto"
-    """the talker's dtype and Code2Wav's compute dtype: auto (bfloat16 on CUDA, float32 on cpu), bfloat16,
+    """the talker's dtype (Code2Wav stays float32): auto (bfloat16 on CUDA, float32 on cpu), bfloat16,
     float16, float32"""
 
     # The thinker (vLLM engine arguments; None: omnitalk's or vLLM's default).

@@ -12,7 +12,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 @dataclass(frozen=True, slots=True)
 class SpeechConfig:
     device: str = "auto"  # "auto": the thinker's GPU (cuda:0, the first visible one) on CUDA, else "cpu"
-    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU; or one of DTYPES
+    dtype: str = "auto"  # the talker's; "auto": bfloat16 on CUDA, float32 on the CPU; or one of DTYPES
     max_streams: int = 64  # streams the talker and Code2Wav batch at once
 
     def __post_init__(self) -> None:

@@ -82,17 +82,17 @@ class SpeechEngine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: SpeechConfig, max_len: int = 4096) -> SpeechEngine:
         """`max_len` bounds each stream's talker cache: its prompt + 2 + codes (slots are preallocated).
-        The talker's weights and cache are in the config's dtype; Code2Wav keeps fp32 weights and computes
-        under autocast to that dtype, so its ODE state and vocoder filters stay fp32."""
+        The talker's weights and cache take the config's dtype; Code2Wav stays fp32 (its ODE state and the
+        vocoder's filters are what audio quality rests on, and it has no reduced-precision path yet)."""
         device, dtype = config.torch_device(), config.torch_dtype()
         if device.type == "cuda":
-            # Whatever stays fp32 on the GPU (Code2Wav's fp32 ops) may use TF32 matmuls: 10-bit mantissas
-            # are far finer than the bf16 the rest of the stage runs in.
+            # Code2Wav's fp32 matmuls and convolutions may use TF32 (10-bit mantissas, still finer than
+            # the talker's bf16); the thinker runs in vLLM's own processes, which this does not touch.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         talker = Talker.from_checkpoint(path, device=device, dtype=dtype, max_slots=config.max_streams, max_len=max_len)
         code2wav = Code2Wav.from_checkpoint(path, device=device)
-        return cls(talker, code2wav, max_batch=config.max_streams, code2wav_dtype=dtype)
+        return cls(talker, code2wav, max_batch=config.max_streams)
 
     @property
     def voices(self) -> list[str]:

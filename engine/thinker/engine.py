@@ -99,27 +99,31 @@ class ThinkerEngine:
     async def generate(self, request: ThinkerRequest) -> AsyncIterator[ThinkerEvent]:
         if request.request_id in self._streams:
             raise ThinkerInputError(f"request id {request.request_id!r} is already running")
-        try:
-            prompt = build_prompt(request.messages, self.tokenizer, use_audio_in_video=request.use_audio_in_video)
-        except PromptError as error:
-            raise ThinkerInputError(str(error)) from error
-        if request.hidden_states:
-            prompt["cache_salt"] = request.request_id  # cached positions would never be recomputed: no rows
-            self._ensure_receiver()
         # Bounded by construction: at most one text and one rows item per engine step and position.
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.max_model_len + 4)
-        self._streams[request.request_id] = queue
-        producer = asyncio.create_task(self._pump(request, prompt, queue))
+        self._streams[request.request_id] = queue  # claimed before the first await, so ids stay unique
+        producer: asyncio.Task | None = None
         done = False
         try:
+            try:  # rendering a long conversation's chat template takes milliseconds: not on the event loop
+                prompt = await asyncio.to_thread(
+                    build_prompt, request.messages, self.tokenizer, use_audio_in_video=request.use_audio_in_video
+                )
+            except PromptError as error:
+                raise ThinkerInputError(str(error)) from error
+            if request.hidden_states:
+                prompt["cache_salt"] = request.request_id  # cached positions would never be recomputed: no rows
+                self._ensure_receiver()
+            producer = asyncio.create_task(self._pump(request, prompt, queue))
             async for event in _ordered(queue, request.hidden_states):
                 done = isinstance(event, ThinkerDone)
                 yield event
         finally:
             self._streams.pop(request.request_id, None)
-            producer.cancel()
-            if not done:
-                await self.abort(request.request_id)
+            if producer is not None:
+                producer.cancel()
+                if not done:
+                    await self.abort(request.request_id)
 
     async def abort(self, request_id: str) -> None:
         """Idempotent: unknown or finished ids are ignored."""
@@ -151,7 +155,8 @@ class ThinkerEngine:
 
     async def _receive_rows(self) -> None:
         while True:
-            spans, prompts = wire.decode(await self._socket.recv_multipart())
+            frames = await self._socket.recv_multipart(copy=False)
+            spans, prompts = wire.decode([frame.buffer for frame in frames])  # views of the frames: no copy
             items = [(k, _Positions(p)) for k, p in prompts.items()]
             items += [(span.stream_id, HiddenStates(span.first_position, rows)) for span, rows in spans]
             for stream_id, item in items:

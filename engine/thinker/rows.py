@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 import torch
 
@@ -46,11 +48,18 @@ def encode(
     return [_encoder.encode(header), memoryview(rows.view(torch.uint8).numpy()).cast("B")]
 
 
-def decode(frames: list[bytes]) -> tuple[list[tuple[RowSpan, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The rows of each span, and the positions [3, L] of each prompt announced in this step."""
+def decode(
+    frames: Sequence[bytes | memoryview],
+) -> tuple[list[tuple[RowSpan, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The rows of each span, and the positions [3, L] of each prompt announced in this step. Rows are views
+    of a writable frame (a received ZMQ frame's buffer: no copy, at 7B a prefill chunk's rows are tens of MB);
+    a read-only one is copied first."""
     header = _decoder.decode(frames[0])
     dtype = getattr(torch, header.dtype)
-    rows = torch.frombuffer(bytearray(frames[1]), dtype=dtype).view(-1, header.hidden_size)
+    payload = memoryview(frames[1])
+    if payload.readonly:
+        payload = memoryview(bytearray(payload))
+    rows = torch.frombuffer(payload, dtype=dtype).view(-1, header.hidden_size)
     spans, offset = [], 0
     for span in header.spans:
         spans.append((span, rows[offset : offset + span.num_rows]))
