@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from talker_inputs import pool_gib, synthetic
 
-from omnitalk.engine.talker import Talker, TalkerSampling, TalkerSequence
+from omnitalk.engine.talker import Talker, TalkerSequence
 from omnitalk.engine.talker.block_manager import BlockManager
 from omnitalk.engine.talker.model import Context
 from omnitalk.engine.talker.model_runner import default_memory_gib, kv_bytes_per_token
 from omnitalk.engine.talker.positions import talker_positions
 from omnitalk.engine.talker.runner import BLOCK_SIZE
-
-AUDIO_ID = 151646  # a placeholder id: its text embedding is zero, so random rows stand in for real prompts
-WIDTH = 64  # the tiny thinker's hidden size
-
-
-def synthetic(name: str, prompt_len: int, codes: int, seed: int = 0, **sampling) -> TalkerSequence:
-    """A sequence with its whole thinker stream in: random rows, `codes` + 1 thinker tokens."""
-    sampling = {"temperature": 0.0, "max_tokens": codes, **sampling}
-    seq = TalkerSequence(name, [AUDIO_ID] * prompt_len, sampling=TalkerSampling(**sampling))
-    rows = torch.randn(prompt_len + codes, WIDTH, generator=torch.Generator().manual_seed(seed))
-    seq.add_rows(0, rows)
-    seq.add_tokens(list(range(1000, 1001 + codes)))
-    seq.thinker_done()
-    return seq
 
 
 def run_alone(talker: Talker, seq: TalkerSequence) -> list[int]:
@@ -32,10 +19,6 @@ def run_alone(talker: Talker, seq: TalkerSequence) -> list[int]:
     while not seq.finished:
         talker.step([seq])
     return seq.codes
-
-
-def pool_gib(tokens: int) -> float:
-    return tokens * 512 / 2**30  # the tiny talker: 2 layers x (k, v) x 1 kv head x 32 dims x fp32
 
 
 @pytest.fixture(scope="module")
