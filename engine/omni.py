@@ -97,7 +97,7 @@ class OmniEngine:
     @classmethod
     def start(cls, config: EngineConfig) -> OmniEngine:
         thinker = ThinkerEngine(config.thinker)
-        speech = SpeechEngine.from_checkpoint(config.thinker.model, config.speech)
+        speech = SpeechEngine.from_checkpoint(config.thinker.model, config.speech, max_seq_len=thinker.max_model_len)
         return cls(thinker, speech)
 
     def shutdown(self) -> None:

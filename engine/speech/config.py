@@ -14,12 +14,16 @@ class SpeechConfig:
     device: str = "auto"  # "auto": the thinker's GPU (cuda:0, the first visible one) on CUDA, else "cpu"
     dtype: str = "auto"  # the talker's; "auto": bfloat16 on CUDA, float32 on the CPU; or one of DTYPES
     max_streams: int = 64  # streams the talker and Code2Wav batch at once
+    talker_memory_gib: float | None = None  # the talker's KV pool; None: 15% of a GPU's memory, 1 GiB on CPU
+    enforce_eager: bool = False  # no CUDA graphs for the talker's decode step
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, got {self.max_streams}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"speech dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.talker_memory_gib is not None and self.talker_memory_gib <= 0:
+            raise ValueError(f"talker_memory_gib must be positive, got {self.talker_memory_gib}")
 
     def torch_device(self) -> torch.device:
         """The device to load on; ValueError (one line) when it does not exist on this machine."""

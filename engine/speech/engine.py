@@ -75,22 +75,29 @@ class SpeechEngine:
         self._code2wav_dtype = code2wav_dtype
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._waiting: list[str] = []  # opened, no talker slot yet (admitted in arrival order)
+        self._waiting: list[str] = []  # opened, not yet in the talker (admitted by deadline, none overtaking)
         self._thread = threading.Thread(target=self._run, name="omnitalk-speech", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: SpeechConfig, max_len: int = 4096) -> SpeechEngine:
-        """`max_len` bounds each stream's talker cache: its prompt + 2 + codes (slots are preallocated).
-        The talker's weights and cache take the config's dtype; Code2Wav stays fp32 (its ODE state and the
-        vocoder's filters are what audio quality rests on, and it has no reduced-precision path yet)."""
+    def from_checkpoint(cls, path: str | Path, config: SpeechConfig, max_seq_len: int | None = None) -> SpeechEngine:
+        """`max_seq_len` bounds each stream's prompt + 2 + codes: the thinker's context window (None: the
+        talker's own, max_position_embeddings). The talker's weights and KV pool take the config's dtype."""
         device, dtype = config.torch_device(), config.torch_dtype()
         if device.type == "cuda":
-            # Code2Wav's fp32 matmuls and convolutions may use TF32 (10-bit mantissas, still finer than
-            # the talker's bf16); the thinker runs in vLLM's own processes, which this does not touch.
+            # fp32 matmuls and convolutions may use TF32 (10-bit mantissas, still finer than bf16); the
+            # thinker runs in vLLM's own processes, which this does not touch.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        talker = Talker.from_checkpoint(path, device=device, dtype=dtype, max_slots=config.max_streams, max_len=max_len)
+        talker = Talker.from_checkpoint(
+            path,
+            device=device,
+            dtype=dtype,
+            max_seqs=config.max_streams,
+            memory_gib=config.talker_memory_gib,
+            max_seq_len=max_seq_len,
+            enforce_eager=config.enforce_eager,
+        )
         code2wav = Code2Wav.from_checkpoint(path, device=device)
         return cls(talker, code2wav, max_batch=config.max_streams)
 
@@ -163,7 +170,12 @@ class SpeechEngine:
 
     def _apply(self, command: _Command) -> None:
         if command.name == "open":
-            self._streams[command.key] = command.args[0]
+            self._streams[command.key] = stream = command.args[0]
+            try:
+                self.talker.check(stream.seq)  # a stream that can never fit fails now, before any audio
+            except ValueError as error:
+                self._fail(command.key, error)
+                return
             self._waiting.append(command.key)
             self._admit()
             return
@@ -185,13 +197,18 @@ class SpeechEngine:
             self._fail(command.key, error)
 
     def _admit(self) -> None:
-        while self._waiting and self.talker.num_free_slots:
+        """The most urgent waiting stream goes first once the pool can take its worst case; the ones behind
+        it wait too, so a long stream is never overtaken for ever by short ones."""
+        self._waiting = sorted((k for k in self._waiting if k in self._streams), key=self._deadline)
+        while self._waiting and self.talker.can_add(self._streams[self._waiting[0]].seq):
             key = self._waiting.pop(0)
-            if key in self._streams:
-                try:
-                    self.talker.add(self._streams[key].seq)
-                except ValueError as error:  # e.g. a prompt longer than the talker's cache
-                    self._fail(key, error)
+            try:
+                self.talker.add(self._streams[key].seq)
+            except ValueError as error:  # checked at open; kept so that no stream can stall the queue
+                self._fail(key, error)
+
+    def _deadline(self, key: str) -> float:
+        return self._streams[key].clock.deadline()
 
     def _candidates(self) -> list[Candidate]:
         return [

@@ -19,6 +19,7 @@ class TalkerConfig:
     head_dim: int
     vocab_size: int  # codec vocabulary
     rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768  # the longest sequence (prompt + 2 + codes) it was built for
     rope_theta: float = 1_000_000.0
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     codec_pad_id: int = 8292
@@ -49,6 +50,7 @@ class TalkerConfig:
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
         optional = {
             "rms_norm_eps": c.get("rms_norm_eps"),
+            "max_position_embeddings": c.get("max_position_embeddings"),
             "rope_theta": rope.get("rope_theta", c.get("rope_theta")),
             "mrope_section": tuple(rope["mrope_section"]) if "mrope_section" in rope else None,
             "codec_pad_id": c.get("tts_codec_pad_token_id"),

@@ -1,4 +1,4 @@
-"""The talker network: a Qwen2 decoder with TMRoPE, attending over a slot-indexed KV cache."""
+"""The talker network: a Qwen2 decoder with TMRoPE, attending over a KV pool in fixed-size blocks."""
 
 from __future__ import annotations
 
@@ -17,14 +17,18 @@ TEXT_EMBED_KEY = "thinker.model.embed_tokens.weight"
 
 
 @dataclass(slots=True)
-class Attend:
-    """Where one forward writes and reads the cache; shared by every layer."""
+class Context:
+    """Where one forward writes and reads the KV pool; shared by every layer.
 
-    slots: torch.Tensor  # [B]
-    write: torch.Tensor  # [B, T] cache indexes of this forward's tokens
-    mask: torch.Tensor  # [B, 1, T, kv_len] key visible to query
-    kv_len: int
-    slot_range: slice | None  # the slots are consecutive and ascending: read the cache through a view
+    Prefill (`block_tables` None): each row's keys are its own new tokens, right-padded; the causal mask
+    keeps padding (always last) out of every real query. Decode (T = 1): each row reads its own blocks,
+    masked to its own length.
+    """
+
+    write: torch.Tensor  # [N] pool token indexes (block * block_size + offset) of the new real tokens
+    valid: torch.Tensor | None = None  # prefill: [N] indexes into the flattened [B * T] of the real tokens
+    block_tables: torch.Tensor | None = None  # decode: [B, blocks] (padding points at any block: masked)
+    mask: torch.Tensor | None = None  # decode: [B, 1, 1, blocks * block_size], key within the row's length
 
 
 class RMSNorm(nn.Module):
@@ -50,23 +54,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, at: Attend
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, ctx: Context
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = (proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2) for proj in self.qkv)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = kv[0], kv[1]  # [slots, kv_heads, max_len, head_dim]
-        keys[at.slots[:, None], :, at.write] = k.transpose(1, 2)
-        values[at.slots[:, None], :, at.write] = v.transpose(1, 2)
-        rows = at.slot_range if at.slot_range is not None else at.slots
-        out = F.scaled_dot_product_attention(
-            q,
-            keys[rows, :, : at.kv_len],
-            values[rows, :, : at.kv_len],
-            attn_mask=at.mask,
-            scale=self.head_dim**-0.5,
-            enable_gqa=True,
-        )
+        pool_k, pool_v = kv[0], kv[1]  # [blocks, block_size, kv_heads, head_dim]
+        flat_k, flat_v = pool_k.flatten(0, 1), pool_v.flatten(0, 1)
+        if ctx.block_tables is None:
+            new_k, new_v = (t.transpose(1, 2).flatten(0, 1)[ctx.valid] for t in (k, v))
+            flat_k.index_copy_(0, ctx.write, new_k)
+            flat_v.index_copy_(0, ctx.write, new_v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5, enable_gqa=True)
+        else:
+            flat_k.index_copy_(0, ctx.write, k[:, :, 0])
+            flat_v.index_copy_(0, ctx.write, v[:, :, 0])
+            keys, values = (p[ctx.block_tables].flatten(1, 2).transpose(1, 2) for p in (pool_k, pool_v))
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=ctx.mask, scale=self.head_dim**-0.5, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     @property
@@ -94,9 +100,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, at: Attend
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, ctx: Context
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, at)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -133,12 +139,12 @@ class TalkerModel(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device).eval()
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: torch.Tensor, at: Attend) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, pool: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Last-layer states [B, T, hidden] of input embeddings [B, T, E] at TMRoPE positions [3, B, T]."""
         x = self.thinker_to_talker_proj(embeds)
         cos, sin = self._rope(positions, x.dtype)
-        for layer, kv in zip(self.model.layers, cache, strict=True):
-            x = layer(x, cos, sin, kv, at)
+        for layer, kv in zip(self.model.layers, pool, strict=True):
+            x = layer(x, cos, sin, kv, ctx)
         return self.model.norm(x)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,17 @@
-"""Per-request codec sampling, batched: repetition penalty, codec-bos suppression, temperature, top-k, top-p."""
+"""Per-request codec sampling, batched: repetition penalty, codec-bos suppression, temperature, top-k, top-p.
+
+Random draws are counter-based: a code's noise is a hash of (request seed, step, code), so a request's
+draws never depend on its batch, and a whole batch samples in a few tensor ops with no generator state.
+"""
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
+
+_MASK32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,40 +33,71 @@ class TalkerSampling:
             raise ValueError(f"bad sampling settings {self}")
 
 
+def seed_words(seed: int | None) -> tuple[int, int]:
+    """A request's seed as two 32-bit words (the hash works in 32 bits); None draws a fresh one."""
+    value = secrets.randbits(64) if seed is None else seed & (2**64 - 1)
+    return value & _MASK32, value >> 32
+
+
 def sample(
     logits: torch.Tensor,
     seen: torch.Tensor,
     params: list[TalkerSampling],
-    generators: list[torch.Generator | None],
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
     suppress: list[int],
-) -> list[int]:
-    """One code per row of `logits` [B, V] (fp32); `seen` [B, V] marks the codes each row's penalty covers.
+) -> torch.Tensor:
+    """Codes [B] (long, on the logits' device) for `logits` [B, V] (fp32).
 
-    Each sampled row draws from its own generator with transformers' ops (softmax, multinomial on a [1, V]
-    row), so a seed reproduces generate()'s draws and a row's draw never depends on its batch.
+    `seen` [B, V] marks the codes each row's penalty covers; `seeds` [B, 2] are `seed_words`; `steps` [B]
+    count each request's draws so far. Greedy rows take the argmax; sampled rows the Gumbel-max of their
+    warped scores, which is an exact draw from their softmax.
     """
+    scores = penalised(logits, seen, params, suppress)
+    greedy = scores.argmax(-1)
+    if all(p.temperature == 0 for p in params):
+        return greedy
+    noise = gumbel(seeds, steps, scores.shape[-1])
+    drawn = (warp(scores, params) + noise).argmax(-1)
+    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=scores.device)
+    return torch.where(is_greedy, greedy, drawn)
+
+
+def penalised(logits: torch.Tensor, seen: torch.Tensor, params: list[TalkerSampling], suppress: list[int]):
+    """Repetition penalty over the seen codes (transformers' rule: negative scores times, positive divided),
+    then the suppressed codes at -inf."""
     penalty = logits.new_tensor([p.repetition_penalty for p in params])[:, None]
     scores = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     scores[:, suppress] = -torch.inf
-    codes = scores.argmax(-1)
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
-    if rows:
-        probs = _warp(scores[rows], [params[i] for i in rows]).softmax(-1)
-        for k, i in enumerate(rows):
-            codes[i] = torch.multinomial(probs[k : k + 1], 1, generator=generators[i])[0, 0]
-    return codes.tolist()
+    return scores
 
 
-def _warp(scores: torch.Tensor, params: list[TalkerSampling]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, each per row, with transformers' warpers' exact comparisons."""
-    scores = scores / scores.new_tensor([p.temperature for p in params])[:, None]
+def warp(scores: torch.Tensor, params: list[TalkerSampling]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, each per row, with transformers' warpers' exact comparisons.
+    Greedy rows (temperature 0) are warped at temperature 1; `sample` ignores them."""
+    scores = scores / scores.new_tensor([p.temperature or 1.0 for p in params])[:, None]
     vocab = scores.shape[-1]
-    top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=scores.device)
-    kth = torch.topk(scores, int(top_k.max())).values.gather(1, top_k[:, None] - 1)
+    top_k = [min(p.top_k, vocab) or vocab for p in params]
+    kth = torch.topk(scores, max(top_k)).values.gather(1, torch.tensor(top_k, device=scores.device)[:, None] - 1)
     scores = scores.masked_fill(scores < kth, -torch.inf)
     sorted_scores, order = torch.sort(scores, descending=False)
     cumulative = sorted_scores.softmax(-1).cumsum(-1)
     threshold = scores.new_tensor([1 - p.top_p for p in params])[:, None]  # 1 - p in float64, as transformers
-    drop = (cumulative <= threshold) & scores.new_tensor([p.top_p < 1 for p in params], dtype=torch.bool)[:, None]
+    drop = (cumulative <= threshold) & torch.tensor([p.top_p < 1 for p in params], device=scores.device)[:, None]
     drop[:, -1] = False  # keep at least one
     return scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+
+
+def gumbel(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise [B, V] (fp32), a pure function of (seed, step, code)."""
+    key = _mix(seeds[:, 0] ^ _mix(seeds[:, 1] ^ _mix(steps)))
+    bits = _mix(key[:, None] ^ _mix(torch.arange(vocab, device=seeds.device)))
+    uniform = ((bits >> 8).float() + 0.5) / 2**24  # 24 bits, strictly inside (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply) on int64 values below 2**32: no product can overflow."""
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -33,9 +34,13 @@ class TalkerSequence:
     codes: list[int] = field(default_factory=list)
     num_cached: int = 0  # KV cache rows written; 0 until the prefill
     rope_delta: int = 0  # decode position = cache index + rope_delta
-    slot: int | None = None
+    slot: int | None = None  # its row of the talker's per-sequence state (one of max_seqs), while added
+    block_table: list[int] = field(default_factory=list)  # KV pool blocks holding cache rows 0..num_cached-1
+    num_reserved_blocks: int = 0  # blocks promised at admission: its whole worst-case length
     finish_reason: str | None = None  # "stop", "length", "abort", or "empty" (the thinker said < 2 tokens)
-    _rows: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)  # received, not yet consumed
+    # received, not yet consumed: chunks as they came, the first one read from _offset on (no copies per step)
+    _rows: deque[torch.Tensor] = field(default_factory=deque, init=False, repr=False)
+    _offset: int = field(default=0, init=False, repr=False)
 
     def add_rows(self, first_position: int, rows: torch.Tensor) -> None:
         """Rows [n, H] of thinker positions first_position.. (last-layer hidden states, post-norm).
@@ -91,7 +96,15 @@ class TalkerSequence:
         return None, text_eos if step == len(self.tokens) - 1 else text_pad
 
     def _take(self, n: int) -> torch.Tensor:
-        rows = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
-        # the remainder is cloned so consumed rows (a whole prompt, at prefill) can be freed
-        self._rows = [rows[n:].clone()] if len(rows) > n else []
-        return rows[:n]
+        """The next n rows; a chunk is dropped once read to its end, so consumed rows can be freed."""
+        parts = []
+        while n:
+            chunk = self._rows[0]
+            part = chunk[self._offset : self._offset + n]
+            parts.append(part)
+            n -= len(part)
+            self._offset += len(part)
+            if self._offset == len(chunk):
+                self._rows.popleft()
+                self._offset = 0
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,0 +1,143 @@
+"""The talker's tensors: the KV pool, per-sequence sampling state, batched prefill / decode / sampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from omnitalk.engine.talker.graphs import DecodeGraphs, DecodeInputs
+from omnitalk.engine.talker.model import Context, TalkerModel
+from omnitalk.engine.talker.positions import talker_positions
+from omnitalk.engine.talker.sampling import TalkerSampling, sample, seed_words
+from omnitalk.engine.talker.sequence import TalkerSequence
+
+CUDA_MEMORY_SHARE = 0.15  # of the device's memory, for the KV pool when no budget is given
+CPU_MEMORY_GIB = 1.0  # RAM pages are only taken once written
+
+
+def default_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return CUDA_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory / 2**30
+    return CPU_MEMORY_GIB
+
+
+def kv_bytes_per_token(model: TalkerModel) -> int:
+    c = model.config
+    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * model.codec_head.weight.element_size()
+
+
+class ModelRunner:
+    """Owns every tensor of the talker; which blocks and slots a sequence holds is decided by the `Talker`."""
+
+    def __init__(
+        self,
+        model: TalkerModel,
+        speakers: dict[str, int],
+        num_blocks: int,
+        block_size: int,
+        max_seqs: int,
+        max_blocks: int,
+        eager: bool,
+    ) -> None:
+        self.model, self.config, self.block_size = model, model.config, block_size
+        self.speakers = speakers  # name -> the text bos token that announces the voice
+        self.device = model.inv_freq.device
+        c, dtype = self.config, model.codec_head.weight.dtype
+        # Block num_blocks is scratch: padded graph rows write there. Zeros, not empty: masked keys still
+        # enter the score matmul, and NaN garbage would poison it.
+        self.pool = torch.zeros(
+            c.num_layers, 2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype=dtype, device=self.device
+        )
+        self.seen = torch.zeros(max_seqs, c.vocab_size, dtype=torch.bool, device=self.device)  # penalised codes
+        self.seeds = torch.zeros(max_seqs, 2, dtype=torch.long, device=self.device)
+        self._multimodal_ids = torch.tensor([c.audio_id, c.image_id, c.video_id], device=self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and not eager:
+            args = (max_seqs, max_blocks, num_blocks, block_size, c.embedding_size, dtype, self.device)
+            self.graphs = DecodeGraphs(self.decode_forward, *args)
+
+    def start(self, slot: int, sampling: TalkerSampling) -> None:
+        """Fresh sampling state: the penalty covers generate()'s talker input_ids: [mask] * L + [pad, bos] + codes."""
+        c = self.config
+        self.seen[slot] = False
+        self.seen[slot, [c.codec_mask_id, c.codec_pad_id, c.codec_bos_id]] = True
+        self.seeds[slot] = torch.tensor(seed_words(sampling.seed))
+
+    def sample(self, seqs: list[TalkerSequence], logits: torch.Tensor) -> list[int]:
+        slots = torch.tensor([seq.slot for seq in seqs], device=self.device)
+        steps = torch.tensor([len(seq.codes) for seq in seqs], device=self.device)
+        params = [seq.sampling for seq in seqs]
+        codes = sample(logits, self.seen[slots], params, self.seeds[slots], steps, [self.config.codec_bos_id])
+        self.seen[slots, codes] = True
+        return codes.tolist()
+
+    def prefill(self, seqs: list[TalkerSequence]) -> torch.Tensor:
+        """Prompt + [speaker bos, g0] of each new sequence, right-padded into one forward: logits [B, V]."""
+        embeds, positions = [], []
+        for seq in seqs:
+            embeds.append(self._prefill_embeds(seq))
+            pos, seq.rope_delta = talker_positions(seq.positions, len(seq.prompt_ids))
+            positions.append(pos)
+        lengths = [len(e) for e in embeds]
+        width = max(lengths)
+        embeds_t = torch.stack([F.pad(e, (0, 0, 0, width - len(e))) for e in embeds])
+        positions_t = torch.stack([F.pad(p, (0, width - p.shape[1])) for p in positions], dim=1).to(self.device)
+        valid = torch.cat([b * width + torch.arange(n) for b, n in enumerate(lengths)])
+        write = torch.cat([self._pool_indexes(seq, n) for seq, n in zip(seqs, lengths, strict=True)])
+        ctx = Context(write=write.to(self.device), valid=valid.to(self.device))
+        hidden = self.model(embeds_t, positions_t, self.pool, ctx)
+        last = hidden[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        for seq, n in zip(seqs, lengths, strict=True):
+            seq.num_cached = n
+        return self.model.codec_head(last).float()
+
+    def decode(self, seqs: list[TalkerSequence]) -> torch.Tensor:
+        """One token of each sequence: E_codec(last code) + the text side; logits [B, V]."""
+        inputs = self._decode_inputs(seqs)
+        logits = self.decode_forward(inputs) if self.graphs is None else self.graphs.run(inputs)
+        for seq in seqs:
+            seq.num_cached += 1
+        return logits
+
+    def decode_forward(self, inputs: DecodeInputs) -> torch.Tensor:
+        """The decode step proper, from tensors only: what a CUDA graph captures."""
+        keys = inputs.block_tables.shape[1] * self.block_size
+        mask = torch.arange(keys, device=inputs.write.device) < inputs.context_lens[:, None]
+        ctx = Context(write=inputs.write, block_tables=inputs.block_tables, mask=mask[:, None, None])
+        positions = inputs.positions.view(1, -1, 1).expand(3, -1, -1)
+        hidden = self.model(inputs.embeds, positions, self.pool, ctx)
+        return self.model.codec_head(hidden[:, -1]).float()
+
+    def _prefill_embeds(self, seq: TalkerSequence) -> torch.Tensor:
+        c, codec = self.config, self.model.model.embed_tokens.weight
+        rows, ids = seq.take_prefill()
+        ids_t = torch.tensor(ids, device=self.device)
+        text = self.model.text_embed(ids_t).masked_fill(torch.isin(ids_t, self._multimodal_ids)[:, None], 0)
+        x = rows.to(self.device, text.dtype) + text  # rows 0..L: prompt, then g0
+        voice = self.model.text_embed.weight[self.speakers[seq.speaker]] + codec[c.codec_pad_id]
+        return torch.cat([x[:-1], voice[None], (x[-1] + codec[c.codec_bos_id])[None]])
+
+    def _decode_inputs(self, seqs: list[TalkerSequence]) -> DecodeInputs:
+        c = self.config
+        taken = [seq.take_decode(c.text_eos_id, c.text_pad_id) for seq in seqs]
+        present = [row for row, _ in taken if row is not None]
+        zero = present[0].new_zeros(c.embedding_size) if present else torch.zeros(c.embedding_size)
+        rows = torch.stack([zero if row is None else row for row, _ in taken])  # one copy to the device, below
+        text_ids = torch.tensor([text_id for _, text_id in taken], device=self.device)
+        codes = torch.tensor([seq.codes[-1] for seq in seqs], device=self.device)
+        reply = rows.to(self.device, self.model.text_embed.weight.dtype) + self.model.text_embed(text_ids)
+        blocks = max(len(seq.block_table) for seq in seqs)
+        # a short row repeats its last block: past its length the mask hides it
+        tables = torch.tensor([s.block_table + s.block_table[-1:] * (blocks - len(s.block_table)) for s in seqs])
+        return DecodeInputs(
+            embeds=(self.model.model.embed_tokens(codes) + reply)[:, None],
+            positions=torch.tensor([seq.num_cached + seq.rope_delta for seq in seqs], device=self.device),
+            write=torch.cat([self._pool_indexes(seq, 1, seq.num_cached) for seq in seqs]).to(self.device),
+            block_tables=tables.to(self.device),
+            context_lens=torch.tensor([seq.num_cached + 1 for seq in seqs], device=self.device),
+        )
+
+    def _pool_indexes(self, seq: TalkerSequence, n: int, start: int = 0) -> torch.Tensor:
+        """Pool token indexes (CPU) of cache rows start..start+n-1 of `seq`."""
+        rows = torch.arange(start, start + n)
+        return torch.tensor(seq.block_table)[rows // self.block_size] * self.block_size + rows % self.block_size
