@@ -1,6 +1,16 @@
 """The co-scheduler's policy on hand-built stream states: deadlines decide, batches ride along."""
 
-from omnitalk.engine.speech.policy import SAMPLE_RATE, Candidate, PlaybackClock, Work, choose
+import pytest
+
+from omnitalk.engine.speech.policy import (
+    SAMPLE_RATE,
+    STEP_AUDIO_S,
+    Candidate,
+    PlaybackClock,
+    Work,
+    choose,
+    pause_bound,
+)
 
 
 def test_deadline_is_arrival_until_first_audio_then_when_the_sent_audio_runs_out():
@@ -43,3 +53,26 @@ def test_no_stream_starves_under_a_stream_of_newcomers():
     old = Candidate("old", clock.deadline(), talker_ready=False, code2wav_ready=True)
     newcomers = [Candidate(f"new{i}", 2.6 + i, talker_ready=True, code2wav_ready=False) for i in range(3)]
     assert choose([*newcomers, old], max_batch=8) == (Work.CODE2WAV, ["old"])
+
+
+def test_a_code2wav_batch_is_cut_to_the_pause_the_talking_streams_can_afford():
+    now = 100.0
+    due = [
+        Candidate(f"due{i}", deadline=now + 0.1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(8)
+    ]
+    talking = Candidate("talking", deadline=now + 0.4, talker_ready=True, code2wav_ready=False)
+    assert pause_bound([*due, talking], now) == pytest.approx(0.2)  # half its 0.4 s of buffered audio
+    work, keys = choose([*due, talking], max_batch=64, now=now, code2wav_row_s=0.05)
+    assert work is Work.CODE2WAV and keys == [f"due{i}" for i in range(4)]  # 4 x 50 ms fits in 200 ms
+    # without a stream waiting for the talker, or before any cost is measured, the batch is not cut
+    assert choose(due, max_batch=64, now=now, code2wav_row_s=0.05) == (Work.CODE2WAV, [c.key for c in due])
+    assert len(choose([*due, talking], max_batch=64, now=now)[1]) == 8
+
+
+def test_the_pause_bound_has_a_floor_and_one_row_always_runs():
+    now = 5.0
+    due = [Candidate(f"due{i}", deadline=now - 1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(6)]
+    starting = Candidate("starting", deadline=now - 0.5, talker_ready=True, code2wav_ready=False)  # not playing yet
+    assert pause_bound([*due, starting], now) == STEP_AUDIO_S
+    assert choose([*due, starting], max_batch=64, now=now, code2wav_row_s=0.005)[1] == ["due0", "due1", "due2", "due3"]
+    assert choose([*due, starting], max_batch=64, now=now, code2wav_row_s=1.0)[1] == ["due0"]
