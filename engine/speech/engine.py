@@ -77,7 +77,7 @@ class _Stream:
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    name: str  # "open", "rows", "tokens", "thinker_done", "close", "stop"
+    name: str  # "open", "rows", "tokens", "thinker_done", "close", "reset_stats", "stop"
     key: str = ""
     args: tuple = ()
 
@@ -117,6 +117,10 @@ class SpeechEngine:
 
     def stats(self) -> SpeechStats:
         return replace(self._stats, dit_calls=self.code2wav.dit_calls)
+
+    def reset_stats(self) -> None:
+        """Starts the counts afresh (on the speech thread, after the commands sent before it)."""
+        self._send("reset_stats")
 
     # Commands, callable from any thread.
     def open(
@@ -184,6 +188,10 @@ class SpeechEngine:
             return commands
 
     def _apply(self, command: _Command) -> None:
+        if command.name == "reset_stats":
+            self._stats, self._talker_wait_from = SpeechStats(), None
+            self.code2wav.dit_calls = 0
+            return
         if command.name == "open":
             self._streams[command.key] = command.args[0]
             self._waiting.append(command.key)
