@@ -2,6 +2,9 @@
 
 import pytest
 
+from omnitalk.codecs.streaming import StreamingConfig
+from omnitalk.engine.speech.config import SpeechConfig
+from omnitalk.engine.speech.engine import streaming_config
 from omnitalk.engine.speech.policy import (
     SAMPLE_RATE,
     STEP_AUDIO_S,
@@ -76,3 +79,12 @@ def test_the_pause_bound_has_a_floor_and_one_row_always_runs():
     assert pause_bound([*due, starting], now) == STEP_AUDIO_S
     assert choose([*due, starting], max_batch=64, now=now, code2wav_row_s=0.005)[1] == ["due0", "due1", "due2", "due3"]
     assert choose([*due, starting], max_batch=64, now=now, code2wav_row_s=1.0)[1] == ["due0"]
+
+
+def test_speech_settings_choose_code2wav_windows_and_solver():
+    config = streaming_config(SpeechConfig(first_chunk_codes=12, ode_solver="euler"))
+    assert (config.codes_for_chunk(0), config.solver) == (12, "euler")
+    assert streaming_config(SpeechConfig()) == StreamingConfig(first_future_mel=24)  # Qwen's windows, RK4
+    for bad in ({"first_chunk_codes": 36}, {"ode_solver": "midpoint"}):
+        with pytest.raises(ValueError):
+            streaming_config(SpeechConfig(**bad))
