@@ -177,7 +177,8 @@ class SpeechEngine:
         candidates, now = self._candidates(), self._now()
         if self._talker_wait_from is None and any(c.talker_ready for c in candidates):
             self._talker_wait_from = now
-        return choose(candidates, self.max_batch, now, self._code2wav_row_s)
+        waited = 0.0 if self._talker_wait_from is None else now - self._talker_wait_from
+        return choose(candidates, self.max_batch, now, self._code2wav_row_s, waited)
 
     def _drain(self, block: bool) -> list[_Command]:
         commands = [self._inbox.get()] if block else []
@@ -230,6 +231,7 @@ class SpeechEngine:
                 s.clock.deadline(),
                 talker_ready=s.seq.slot is not None and s.seq.ready,
                 code2wav_ready=self.code2wav.ready(s.audio),
+                playing=s.clock.first_audio_at is not None,
             )
             for key, s in self._streams.items()
         ]

@@ -1,5 +1,7 @@
 """The co-scheduler's policy on hand-built stream states: deadlines decide, batches ride along."""
 
+import math
+
 import pytest
 
 from omnitalk.codecs.streaming import StreamingConfig
@@ -63,7 +65,7 @@ def test_a_code2wav_batch_is_cut_to_the_pause_the_talking_streams_can_afford():
     due = [
         Candidate(f"due{i}", deadline=now + 0.1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(8)
     ]
-    talking = Candidate("talking", deadline=now + 0.4, talker_ready=True, code2wav_ready=False)
+    talking = Candidate("talking", deadline=now + 0.4, talker_ready=True, code2wav_ready=False, playing=True)
     assert pause_bound([*due, talking], now) == pytest.approx(0.2)  # half its 0.4 s of buffered audio
     work, keys = choose([*due, talking], max_batch=64, now=now, code2wav_row_s=0.05)
     assert work is Work.CODE2WAV and keys == [f"due{i}" for i in range(4)]  # 4 x 50 ms fits in 200 ms
@@ -75,10 +77,12 @@ def test_a_code2wav_batch_is_cut_to_the_pause_the_talking_streams_can_afford():
 def test_the_pause_bound_has_a_floor_and_one_row_always_runs():
     now = 5.0
     due = [Candidate(f"due{i}", deadline=now - 1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(6)]
-    starting = Candidate("starting", deadline=now - 0.5, talker_ready=True, code2wav_ready=False)  # not playing yet
-    assert pause_bound([*due, starting], now) == STEP_AUDIO_S
-    assert choose([*due, starting], max_batch=64, now=now, code2wav_row_s=0.005)[1] == ["due0", "due1", "due2", "due3"]
-    assert choose([*due, starting], max_batch=64, now=now, code2wav_row_s=1.0)[1] == ["due0"]
+    starting = Candidate("starting", deadline=now - 0.5, talker_ready=True, code2wav_ready=False)
+    assert pause_bound([*due, starting], now) == math.inf  # not playing yet: it cannot underrun
+    late = Candidate("late", deadline=now - 0.5, talker_ready=True, code2wav_ready=False, playing=True)
+    assert pause_bound([*due, late], now) == STEP_AUDIO_S  # already behind: the floor, one step's audio
+    assert choose([*due, late], max_batch=64, now=now, code2wav_row_s=0.005)[1] == ["due0", "due1", "due2", "due3"]
+    assert choose([*due, late], max_batch=64, now=now, code2wav_row_s=1.0)[1] == ["due0"]
 
 
 def test_speech_settings_choose_code2wav_windows_and_solver():
@@ -88,3 +92,14 @@ def test_speech_settings_choose_code2wav_windows_and_solver():
     for bad in ({"first_chunk_codes": 36}, {"ode_solver": "midpoint"}):
         with pytest.raises(ValueError):
             streaming_config(SpeechConfig(**bad))
+
+
+def test_once_the_talker_has_waited_the_bound_it_steps_before_more_code2wav():
+    now = 50.0
+    due = Candidate("due", deadline=now + 0.05, talker_ready=False, code2wav_ready=True)
+    talking = Candidate("talking", deadline=now + 0.3, talker_ready=True, code2wav_ready=False, playing=True)
+    assert choose([due, talking], max_batch=8, now=now, code2wav_row_s=0.01, talker_waited_s=0.1)[0] is Work.CODE2WAV
+    assert choose([due, talking], max_batch=8, now=now, code2wav_row_s=0.01, talker_waited_s=0.15) == (
+        Work.TALKER_STEP,
+        ["talking"],
+    )
