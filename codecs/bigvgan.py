@@ -99,14 +99,15 @@ class BigVGAN(nn.Module):
         self.hop = math.prod(cfg["upsample_rates"])
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel [B, T, mel_dim] (natural-log amplitude) -> waveform [B, T * hop]."""
-        x = self.conv_pre(_normalize(mel.transpose(1, 2)))
+        """mel [B, T, mel_dim] (natural-log amplitude) -> fp32 waveform [B, T * hop] in any weight dtype."""
+        # exp / log10 of the mel in fp32: in bf16 the dB scale would be off by up to a few dB
+        x = self.conv_pre(_normalize(mel.float().transpose(1, 2)).to(self.conv_pre.weight.dtype))
         for i, (up,) in enumerate(self.ups):
             x = up(x)
             blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
             x = sum(block(x) for block in blocks) / self.num_kernels
         x = self.conv_post(self.activation_post(x))
-        return torch.clamp(x, -1.0, 1.0).squeeze(1)
+        return torch.clamp(x.float(), -1.0, 1.0).squeeze(1)
 
 
 def _normalize(mel: torch.Tensor, min_db: float = -115.0) -> torch.Tensor:

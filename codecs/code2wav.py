@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from omnitalk.codecs.bigvgan import BigVGAN
 from omnitalk.codecs.dit import DiT, DiTInputs
+from omnitalk.codecs.graphs import StaticCalls, bucket, pad_rows
 from omnitalk.codecs.streaming import (
     MEL_PER_CODE,
     SOLVERS,
@@ -52,21 +53,50 @@ class Speaker:
 
 
 class Code2Wav:
-    """The DiT and vocoder (fp32) with the speakers' cached conditioning. Not thread-safe."""
+    """The DiT and vocoder in their weights' dtype, with the speakers' cached conditioning. Not thread-safe.
+
+    The ODE state, the guidance difference and the mel stay fp32 in any dtype (`DiT.velocity`, `BigVGAN`).
+    `static_shapes` runs the DiT windows and vocoder batches of every non-final chunk at fixed shapes (batch
+    padded to a bucket), captured as CUDA graphs on CUDA; by default it is on on CUDA unless `enforce_eager`.
+    """
 
     def __init__(
-        self, dit: DiT, vocoder: BigVGAN, speakers: dict[str, Speaker], config: StreamingConfig | None = None
+        self,
+        dit: DiT,
+        vocoder: BigVGAN,
+        speakers: dict[str, Speaker],
+        config: StreamingConfig | None = None,
+        enforce_eager: bool = False,
+        static_shapes: bool | None = None,
     ) -> None:
         self.dit, self.vocoder, self.speakers = dit.eval(), vocoder.eval(), speakers
         self.config = config or StreamingConfig()
         self.config.check_blocks(dit.block_size)
         self.device = next(dit.parameters()).device
+        self.dtype = next(dit.parameters()).dtype
+        self.enforce_eager = enforce_eager
+        on_cuda = self.device.type == "cuda" and not enforce_eager
+        self.static_shapes = on_cuda if static_shapes is None else static_shapes
+        self.static = StaticCalls(capture=on_cuda and self.static_shapes)
+        cfg = self.config
+        self.static_windows = {cfg.window_frames(k) for k in range(3)}
+        first, chunk, tail = cfg.first_chunk_mel, cfg.chunk_mel, 2 * cfg.overlap_mel
+        self.static_vocoder_frames = {first, min(tail, first) + chunk, tail + chunk}
+        self.dit_calls = 0  # DiT forward passes so far (a CFG pair, one batched pass, counts once)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", config: StreamingConfig | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        config: StreamingConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+        enforce_eager: bool = False,
     ) -> Code2Wav:
-        """Loads `token2wav.*` weights and `spk_dict.pt` from a Hugging Face Qwen2.5-Omni checkpoint folder."""
+        """Loads `token2wav.*` weights and `spk_dict.pt` from a Hugging Face Qwen2.5-Omni checkpoint folder.
+
+        Speaker vectors are computed in fp32, then everything is cast to `dtype` (bf16 on GPU).
+        """
         path = Path(path)
         token2wav = json.loads((path / "config.json").read_text())["token2wav_config"]
         dit_cfg = {**DIT_DEFAULTS, **token2wav.get("dit_config", {})}
@@ -81,15 +111,15 @@ class Code2Wav:
             for name, entry in torch.load(path / "spk_dict.pt", map_location="cpu", weights_only=True).items():
                 ref_mel = entry["ref_mel"].float().to(device)
                 speakers[name] = Speaker(
-                    cond=entry["cond"].float().to(device).reshape(1, -1),
-                    spk=dit.speaker_vector(ref_mel),
-                    null_spk=dit.speaker_vector(torch.zeros_like(ref_mel)),
+                    cond=entry["cond"].float().to(device).reshape(1, -1).to(dtype),
+                    spk=dit.speaker_vector(ref_mel).to(dtype),
+                    null_spk=dit.speaker_vector(torch.zeros_like(ref_mel)).to(dtype),
                 )
-        return cls(dit, vocoder, speakers, config)
+        return cls(dit.to(dtype), vocoder.to(dtype), speakers, config, enforce_eager)
 
     def with_config(self, config: StreamingConfig) -> Code2Wav:
         """The same weights and speakers under other windows or ODE settings."""
-        return Code2Wav(self.dit, self.vocoder, self.speakers, config)
+        return Code2Wav(self.dit, self.vocoder, self.speakers, config, self.enforce_eager, self.static_shapes)
 
     def new_stream(self, speaker: str, seed: int = 0) -> Code2WavStream:
         self._speaker(speaker)
@@ -145,7 +175,7 @@ class Code2Wav:
         return audio
 
     def _decode_mel(self, active: list[tuple[Code2WavStream, ChunkPlan]]) -> list[torch.Tensor]:
-        """One padded DiT solve over the streams' windows -> each stream's new mel [n, 80]."""
+        """One padded DiT solve over the streams' windows -> each stream's new mel [n, 80] (fp32)."""
         lengths = [plan.window_end - plan.window_start for _, plan in active]
         width = max(lengths)
         x0 = torch.zeros(len(active), width, self.dit.mel_dim)
@@ -155,7 +185,14 @@ class Code2Wav:
             window_codes = stream.codes[plan.window_start // MEL_PER_CODE : plan.window_end // MEL_PER_CODE]
             codes[row, : len(window_codes)] = torch.tensor(window_codes, dtype=torch.long)
         speakers = [stream.speaker for stream, _ in active]
-        mel = self._sample(codes.to(self.device), lengths, speakers, x0.to(self.device), None, None)
+        rows = bucket(len(active)) if self.static_shapes and width in self.static_windows else None
+        if rows is None:
+            mel = self._sample(codes.to(self.device), lengths, speakers, x0.to(self.device), None, None)
+        else:
+            speakers += speakers[:1] * (rows - len(active))
+            lengths += lengths[:1] * (rows - len(active))
+            codes, x0 = pad_rows(codes, rows).to(self.device), pad_rows(x0, rows).to(self.device)
+            mel = self._sample(codes, lengths, speakers, x0, None, None, static=True)
         return [
             mel[row, plan.emit_start - plan.window_start : plan.emit_end - plan.window_start]
             for row, (_, plan) in enumerate(active)
@@ -167,9 +204,14 @@ class Code2Wav:
         for i, mel in enumerate(mels):
             groups[mel.shape[0]].append(i)
         out: list[torch.Tensor] = [torch.empty(0)] * len(mels)
-        for indices in groups.values():
-            wavs = self.vocoder(torch.stack([mels[i] for i in indices]))
-            for i, wav in zip(indices, wavs, strict=True):
+        for frames, indices in groups.items():
+            batch = torch.stack([mels[i] for i in indices])
+            rows = bucket(len(indices)) if self.static_shapes and frames in self.static_vocoder_frames else None
+            if rows is None:
+                wavs = self.vocoder(batch)
+            else:
+                wavs = self.static.run(("vocoder", rows, frames), self.vocoder, [pad_rows(batch, rows)])
+            for i, wav in zip(indices, wavs, strict=False):  # padding rows are dropped
                 out[i] = wav
         return out
 
@@ -181,9 +223,14 @@ class Code2Wav:
         x0: torch.Tensor,
         solver: str | None,
         num_steps: int | None,
+        static: bool = False,
     ) -> torch.Tensor:
-        """Solves the flow ODE from x0 [B, L, 80] at t = 0 to the mel at t = 1 (as transformers' DiT sample)."""
+        """Solves the flow ODE from x0 [B, L, 80] (fp32) at t = 0 to the mel at t = 1, as transformers' DiT sample.
+
+        `static`: one fixed-buffer call per (batch, width), a CUDA graph on CUDA (inputs prepared outside it).
+        """
         cfg = self.config
+        solver, num_steps = solver or cfg.solver, num_steps or cfg.num_steps
         entries = [self.speakers[name] for name in speakers]
         guided = cfg.guidance_scale >= 1e-5  # transformers skips the unconditional branch below this
         inputs: DiTInputs = self.dit.prepare(
@@ -192,19 +239,32 @@ class Code2Wav:
             torch.cat([e.cond for e in entries]),
             lengths,
             torch.cat([e.null_spk for e in entries]) if guided else None,
+            per_row_masks=static,
         )
-        times = torch.linspace(0, 1, num_steps or cfg.num_steps, device=self.device, dtype=torch.float32)
+        times = torch.linspace(0, 1, num_steps, device=self.device, dtype=torch.float32)
         times = times + cfg.sway_coefficient * (torch.cos(torch.pi / 2 * times) - 1 + times)
+        self.dit_calls += dit_calls(solver, num_steps)
+        unique = list({id(mask): mask for mask in inputs.masks}.values())
+        layer_mask = [next(i for i, m in enumerate(unique) if m is mask) for mask in inputs.masks]
 
-        def velocity(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return self.dit.velocity(x, t, inputs, cfg.guidance_scale)
+        def solve(x: torch.Tensor, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *masks: torch.Tensor):
+            fixed = DiTInputs(context, [masks[i] for i in layer_mask], cos, sin)
+            return integrate(lambda t, y: self.dit.velocity(y, t, fixed, cfg.guidance_scale), x, times, solver)
 
-        return integrate(velocity, x0, times, solver or cfg.solver)
+        tensors = [x0, inputs.context, inputs.cos, inputs.sin, *unique]
+        if not static:
+            return solve(*tensors)
+        return self.static.run(("dit", *x0.shape, guided, solver, num_steps), solve, tensors)
 
     def _speaker(self, name: str) -> Speaker:
         if name not in self.speakers:
             raise ValueError(f"unknown speaker {name!r}; known: {sorted(self.speakers)}")
         return self.speakers[name]
+
+
+def dit_calls(solver: str, num_steps: int) -> int:
+    """DiT evaluations of one solve over `num_steps` time points: 4 per interval with RK4, 1 with Euler."""
+    return (num_steps - 1) * (4 if solver == "rk4" else 1)
 
 
 def integrate(

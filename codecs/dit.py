@@ -33,7 +33,8 @@ class TimestepEmbedding(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
         angles = 1000 * t.reshape(-1, 1) * freqs.unsqueeze(0)
-        return self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1).to(t.dtype))
+        # the angles (up to 1000 rad) in fp32 whatever the weights' dtype: bf16 would garble the phase
+        return self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.time_mlp[0].weight.dtype))
 
 
 class CodecEmbedding(nn.Module):
@@ -153,11 +154,13 @@ class DiT(nn.Module):
         cond: torch.Tensor,
         lengths: list[int],
         uncond_spk: torch.Tensor | None,
+        per_row_masks: bool = False,
     ) -> DiTInputs:
         """codes [B, L / repeats] (padded), spk [B, enc_dim], cond [B, enc_emb_dim], lengths: valid mel frames.
 
         With `uncond_spk` (ECAPA of a zero ref mel) the rows are doubled for classifier-free guidance:
-        the unconditional half has code 0, zero x-vector and that speaker vector.
+        the unconditional half has code 0, zero x-vector and that speaker vector. `per_row_masks` gives every
+        row its own mask even when no row is padded (a static shape for CUDA graphs).
         """
         # The table has num_embeds + 1 rows. Like Qwen's fork, codes beyond it (talker specials) become 0;
         # transformers does not clamp and would index out of range.
@@ -174,16 +177,16 @@ class DiT(nn.Module):
         positions = torch.arange(frames, device=codes.device, dtype=torch.float)
         angles = positions[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
-        masks = self._masks(frames, lengths, codes.device, doubled=uncond_spk is not None)
+        masks = self._masks(frames, lengths, codes.device, uncond_spk is not None, per_row_masks)
         per_layer = [masks[b.look_back, b.look_ahead] for b in self.transformer_blocks]
-        return DiTInputs(context, per_layer, angles.cos(), angles.sin())
+        return DiTInputs(context, per_layer, angles.cos().to(context.dtype), angles.sin().to(context.dtype))
 
     def _masks(
-        self, frames: int, lengths: list[int], device: torch.device, doubled: bool
+        self, frames: int, lengths: list[int], device: torch.device, doubled: bool, per_row: bool
     ) -> dict[tuple[int, int], torch.Tensor]:
         block = torch.arange(frames, device=device) // self.block_size
         diff = block[None, :] - block[:, None]  # key block - query block
-        padded = any(n < frames for n in lengths)
+        padded = per_row or any(n < frames for n in lengths)
         if padded:
             key_valid = torch.arange(frames, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
             if doubled:
@@ -209,8 +212,10 @@ class DiT(nn.Module):
         return self.proj_out(_layer_norm(h) * (1 + scale) + shift)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, inputs: DiTInputs, guidance_scale: float) -> torch.Tensor:
-        """The guided velocity v = c + g (c - u) for x [B, L, mel]."""
+        """The guided velocity v = c + g (c - u) for the ODE state x [B, L, mel], in fp32 whatever the weights'
+        dtype: the state and the guidance difference keep fp32, only the network runs in the weights' dtype."""
+        h = x.to(inputs.context.dtype)
         if inputs.context.shape[0] == x.shape[0]:
-            return self(x, t, inputs)
-        cond, null = torch.chunk(self(torch.cat([x, x], dim=0), t, inputs), 2, dim=0)
+            return self(h, t, inputs).float()
+        cond, null = torch.chunk(self(torch.cat([h, h], dim=0), t, inputs).float(), 2, dim=0)
         return cond + (cond - null) * guidance_scale

@@ -11,6 +11,7 @@ HOP = 240  # samples per mel frame at 24 kHz
 SAMPLES_PER_CODE = MEL_PER_CODE * HOP
 NOISE_PAGE = 1024  # mel frames of noise drawn at a time (about 10 s of audio)
 SOLVERS = ("rk4", "euler")
+BLOCK_MEL = 24  # the DiT's block_size in every Qwen2.5-Omni checkpoint (checked at load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +19,8 @@ class StreamingConfig:
     """Window sizes in mel frames (Qwen's fork by default) and the ODE settings, shared by every stream.
 
     Chunk k emits mel [b_k, b_k+1) with b_0 = 0, b_1 = first_chunk_mel, then steps of chunk_mel. Its DiT
-    window adds past_mel frames before and future_mel after (clipped to the codes); the vocoder sees
+    window adds past_mel frames before and future_mel after (chunk 0: first_future_mel, future_mel when None;
+    clipped to the codes); the vocoder sees
     2 * overlap_mel frames of already emitted mel before the chunk, and the audio of the last overlap_mel
     frames of every chunk but the final one waits for the next chunk.
     """
@@ -28,6 +30,7 @@ class StreamingConfig:
     past_mel: int = 48
     future_mel: int = 24
     overlap_mel: int = 20
+    first_future_mel: int | None = None
     solver: str = "rk4"
     num_steps: int = 10
     guidance_scale: float = 0.5
@@ -43,8 +46,30 @@ class StreamingConfig:
             raise ValueError(f"window sizes must be whole codes ({MEL_PER_CODE} mel frames each)")
         if self.future_mel <= 0 or self.past_mel < 0 or self.overlap_mel < 0:
             raise ValueError("future_mel must be positive, past_mel and overlap_mel not negative")
+        if not 0 <= self.future(0) <= self.future_mel or self.future(0) % MEL_PER_CODE:
+            raise ValueError("first_future_mel must be whole codes between 0 and future_mel")
         if min(self.first_chunk_mel, self.chunk_mel) <= self.overlap_mel:
             raise ValueError("chunks must be longer than overlap_mel, or a chunk would emit nothing")
+
+    @classmethod
+    def for_first_chunk(cls, codes: int, **settings: object) -> StreamingConfig:
+        """Windows whose first audio needs `codes` codes: the first chunk emits whole DiT blocks and keeps
+        as much of the future_mel look-ahead as fits (48 codes: 72 + 24 frames; 24: 24 + 24; 12: 24 + 0)."""
+        base = cls(**settings)  # type: ignore[arg-type]
+        block = BLOCK_MEL
+        frames = codes * MEL_PER_CODE
+        ahead = min(base.future_mel, frames - block)
+        if ahead < 0 or (frames - ahead) % block:
+            raise ValueError(f"a first chunk of {codes} codes is not whole {block}-frame DiT blocks plus look-ahead")
+        return cls(**{**settings, "first_chunk_mel": frames - ahead, "first_future_mel": ahead})  # type: ignore[arg-type]
+
+    def future(self, k: int) -> int:
+        """Look-ahead frames of chunk k's DiT window."""
+        return self.future_mel if k or self.first_future_mel is None else self.first_future_mel
+
+    def window_frames(self, k: int) -> int:
+        """DiT window length of chunk k when it is not the final one (a static shape from k = 1 on)."""
+        return self.boundary(k + 1) + self.future(k) - max(self.boundary(k) - self.past_mel, 0)
 
     def check_blocks(self, block_size: int) -> None:
         """Windows must start on DiT block boundaries, or their blocks would not line up with one-shot's."""
@@ -57,7 +82,7 @@ class StreamingConfig:
 
     def codes_for_chunk(self, k: int) -> int:
         """Codes a stream needs before chunk k can be decoded without finishing."""
-        return (self.boundary(k + 1) + self.future_mel) // MEL_PER_CODE
+        return (self.boundary(k + 1) + self.future(k)) // MEL_PER_CODE
 
 
 class NoiseBuffer:
@@ -128,13 +153,14 @@ def plan_next(stream: Code2WavStream, config: StreamingConfig) -> ChunkPlan | No
     """
     k, total = stream.chunks_done, len(stream.codes) * MEL_PER_CODE
     start, end = config.boundary(k), config.boundary(k + 1)
-    if total >= end + config.future_mel:
+    future = config.future(k)
+    if total >= end + future:
         final = False
     elif stream.finished and not stream.done:
         final, end = True, total
     else:
         return None
-    window_end = total if final else end + config.future_mel
+    window_end = total if final else end + future
     tail = 0 if stream.mel_tail is None else stream.mel_tail.shape[0]
     audio_start = max(start - config.overlap_mel, 0)
     return ChunkPlan(

@@ -15,7 +15,9 @@ class SpeechConfig:
     dtype: str = "auto"  # the talker's; "auto": bfloat16 on CUDA, float32 on the CPU; or one of DTYPES
     max_streams: int = 64  # streams the talker and Code2Wav batch at once
     talker_memory_gib: float | None = None  # the talker's KV pool; None: 15% of a GPU's memory, 1 GiB on CPU
-    enforce_eager: bool = False  # no CUDA graphs for the talker's decode step
+    first_chunk_codes: int = 48  # codes before a stream's first audio: 48 (Qwen's), 24 or 12
+    ode_solver: str = "rk4"  # Code2Wav's flow ODE: "rk4" (transformers', parity) or "euler" (4x fewer DiT calls)
+    enforce_eager: bool = False  # no CUDA graphs (talker decode step, Code2Wav windows)
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:

@@ -7,14 +7,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from omnitalk.codecs.code2wav import Code2Wav
-from omnitalk.codecs.streaming import Code2WavStream
+from omnitalk.codecs.streaming import Code2WavStream, StreamingConfig
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.policy import Candidate, PlaybackClock, Work, choose
 from omnitalk.engine.talker.runner import Talker
@@ -41,6 +41,28 @@ class SpeechFailed:
     error: Exception
 
 
+@dataclass(slots=True)
+class SpeechStats:
+    """What the speech thread has done so far (read by benchmarks; racy but never torn)."""
+
+    talker_steps: int = 0
+    code2wav_batches: int = 0
+    code2wav_rows: int = 0
+    dit_calls: int = 0
+    worst_talker_wait_s: float = 0.0  # longest a talker-ready stream waited for the next talker step
+
+
+FIRST_CHUNK_CODES = (48, 24, 12)
+CODE2WAV_COST_EMA = 0.3  # weight of the newest batch in the predicted Code2Wav cost per row
+
+
+def streaming_config(config: SpeechConfig) -> StreamingConfig:
+    """Code2Wav's windows and solver from the speech settings; ValueError for values not offered."""
+    if config.first_chunk_codes not in FIRST_CHUNK_CODES:
+        raise ValueError(f"first_chunk_codes must be one of {FIRST_CHUNK_CODES}, not {config.first_chunk_codes}")
+    return StreamingConfig.for_first_chunk(config.first_chunk_codes, solver=config.ode_solver)
+
+
 SpeechEvent = AudioChunk | SpeechDone | SpeechFailed
 Sink = Callable[[SpeechEvent], None]  # called on the speech thread; must not block
 
@@ -55,7 +77,7 @@ class _Stream:
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    name: str  # "open", "rows", "tokens", "thinker_done", "close", "stop"
+    name: str  # "open", "rows", "tokens", "thinker_done", "close", "reset_stats", "stop"
     key: str = ""
     args: tuple = ()
 
@@ -64,25 +86,23 @@ class SpeechEngine:
     """Owns the talker and Code2Wav; everything else talks to it through thread-safe commands."""
 
     def __init__(
-        self,
-        talker: Talker,
-        code2wav: Code2Wav,
-        max_batch: int = 64,
-        clock: Callable[[], float] = time.monotonic,
-        code2wav_dtype: torch.dtype = torch.float32,
+        self, talker: Talker, code2wav: Code2Wav, max_batch: int = 64, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.talker, self.code2wav, self.max_batch, self._now = talker, code2wav, max_batch, clock
-        self._code2wav_dtype = code2wav_dtype
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[str] = []  # opened, not yet in the talker (admitted by deadline, none overtaking)
+        self._stats = SpeechStats()
+        self._talker_wait_from: float | None = None  # since when a talker-ready stream waits for a step
+        self._code2wav_row_s = 0.0  # predicted Code2Wav cost per row, from measured batches
         self._thread = threading.Thread(target=self._run, name="omnitalk-speech", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: SpeechConfig, max_seq_len: int | None = None) -> SpeechEngine:
         """`max_seq_len` bounds each stream's prompt + 2 + codes: the thinker's context window (None: the
-        talker's own, max_position_embeddings). The talker's weights and KV pool take the config's dtype."""
+        talker's own, max_position_embeddings). The talker (weights and KV pool) and Code2Wav take the
+        config's dtype."""
         device, dtype = config.torch_device(), config.torch_dtype()
         if device.type == "cuda":
             # fp32 matmuls and convolutions may use TF32 (10-bit mantissas, still finer than bf16); the
@@ -98,7 +118,9 @@ class SpeechEngine:
             max_seq_len=max_seq_len,
             enforce_eager=config.enforce_eager,
         )
-        code2wav = Code2Wav.from_checkpoint(path, device=device)
+        code2wav = Code2Wav.from_checkpoint(
+            path, device=device, config=streaming_config(config), dtype=dtype, enforce_eager=config.enforce_eager
+        )
         return cls(talker, code2wav, max_batch=config.max_streams)
 
     @property
@@ -108,6 +130,13 @@ class SpeechEngine:
     @property
     def num_streams(self) -> int:
         return len(self._streams)
+
+    def stats(self) -> SpeechStats:
+        return replace(self._stats, dit_calls=self.code2wav.dit_calls)
+
+    def reset_stats(self) -> None:
+        """Starts the counts afresh (on the speech thread, after the commands sent before it)."""
+        self._send("reset_stats")
 
     # Commands, callable from any thread.
     def open(
@@ -149,16 +178,23 @@ class SpeechEngine:
     # The speech thread.
     def _run(self) -> None:
         while True:
-            work = choose(self._candidates(), self.max_batch)
+            work = self._choose()
             commands = self._drain(block=work is None)
             for command in commands:
                 if command.name == "stop":
                     return
                 self._apply(command)
             if commands:
-                work = choose(self._candidates(), self.max_batch)  # the inputs changed
+                work = self._choose()  # the inputs changed
             if work is not None:
                 self._do(*work)
+
+    def _choose(self) -> tuple[Work, list[str]] | None:
+        candidates, now = self._candidates(), self._now()
+        if self._talker_wait_from is None and any(c.talker_ready for c in candidates):
+            self._talker_wait_from = now
+        waited = 0.0 if self._talker_wait_from is None else now - self._talker_wait_from
+        return choose(candidates, self.max_batch, now, self._code2wav_row_s, waited)
 
     def _drain(self, block: bool) -> list[_Command]:
         commands = [self._inbox.get()] if block else []
@@ -169,6 +205,10 @@ class SpeechEngine:
             return commands
 
     def _apply(self, command: _Command) -> None:
+        if command.name == "reset_stats":
+            self._stats, self._talker_wait_from = SpeechStats(), None
+            self.code2wav.dit_calls = 0
+            return
         if command.name == "open":
             self._streams[command.key] = stream = command.args[0]
             try:
@@ -217,6 +257,7 @@ class SpeechEngine:
                 s.clock.deadline(),
                 talker_ready=s.seq.slot is not None and s.seq.ready,
                 code2wav_ready=self.code2wav.ready(s.audio),
+                playing=s.clock.first_audio_at is not None,
             )
             for key, s in self._streams.items()
         ]
@@ -224,7 +265,9 @@ class SpeechEngine:
     def _do(self, work: Work, keys: list[str]) -> None:
         streams = [self._streams[k] for k in keys]
         try:
+            started = self._now()
             if work is Work.TALKER_STEP:
+                self._count_talker_step(started)
                 codes = self.talker.step([s.seq for s in streams])
                 for stream, code in zip(streams, codes, strict=True):
                     if code is not None:
@@ -232,11 +275,9 @@ class SpeechEngine:
                     self._after_talker(stream)
                 self._admit()
             else:
-                with torch.autocast(
-                    self.code2wav.device.type, self._code2wav_dtype, enabled=self._code2wav_dtype != torch.float32
-                ):
-                    chunks = self.code2wav.decode([s.audio for s in streams])
+                chunks = self.code2wav.decode([s.audio for s in streams])
                 now = self._now()
+                self._count_code2wav(len(keys), now - started)
                 for key, stream, samples in zip(keys, streams, chunks, strict=True):
                     if len(samples):
                         stream.sink(AudioChunk(stream.clock.samples_sent, samples))
@@ -246,6 +287,20 @@ class SpeechEngine:
             log.exception("speech %s failed for %s", work.name, keys)
             for key in keys:
                 self._fail(key, error)
+
+    def _count_talker_step(self, now: float) -> None:
+        if self._talker_wait_from is not None:
+            wait = now - self._talker_wait_from
+            self._stats.worst_talker_wait_s = max(self._stats.worst_talker_wait_s, wait)
+            self._talker_wait_from = None
+        self._stats.talker_steps += 1
+
+    def _count_code2wav(self, rows: int, seconds: float) -> None:
+        self._stats.code2wav_batches += 1
+        self._stats.code2wav_rows += rows
+        per_row = seconds / rows
+        previous = self._code2wav_row_s
+        self._code2wav_row_s = per_row if previous == 0 else previous + CODE2WAV_COST_EMA * (per_row - previous)
 
     def _after_talker(self, stream: _Stream) -> None:
         if stream.seq.finished and not stream.audio.finished:

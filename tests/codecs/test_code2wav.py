@@ -81,6 +81,29 @@ def test_euler_matches_transformers_dit_and_differs_from_rk4(
         code2wav.one_shot(codes, "Chelsie", solver="midpoint")
 
 
+@pytest.mark.parametrize("n", [30, 157])
+def test_solver_choice_changes_dit_calls_and_keeps_length(code2wav: Code2Wav, n: int) -> None:
+    """Counted DiT forward passes, not time: RK4 evaluates 4 times per interval, Euler once."""
+    calls = []
+    hook = code2wav.dit.register_forward_hook(lambda *_: calls.append(1))
+    codes, results = random_codes(n, seed=n), {}
+    try:
+        for solver in ("rk4", "euler"):
+            model = code2wav.with_config(StreamingConfig(solver=solver))
+            calls.clear()
+            before = model.dit_calls
+            stream = model.new_stream("Ethan", seed=1)
+            stream.push(codes)
+            stream.finish()
+            audio = [model.decode([stream])[0] for _ in range(8) if model.ready(stream)]
+            results[solver] = (len(calls), model.dit_calls - before, sum(len(a) for a in audio), len(audio))
+    finally:
+        hook.remove()
+    chunks = results["rk4"][3]
+    assert results["rk4"] == (36 * chunks, 36 * chunks, n * 480, chunks)
+    assert results["euler"] == (9 * chunks, 9 * chunks, n * 480, chunks)
+
+
 def test_codes_beyond_the_table_become_code_zero(code2wav: Code2Wav) -> None:
     """Qwen's fork zeroes codes >= the DiT table (8448 rows in the tiny checkpoint, 8194 in the real one)."""
     codes = random_codes(30, seed=3)

@@ -1,6 +1,21 @@
 """The co-scheduler's policy on hand-built stream states: deadlines decide, batches ride along."""
 
-from omnitalk.engine.speech.policy import SAMPLE_RATE, Candidate, PlaybackClock, Work, choose
+import math
+
+import pytest
+
+from omnitalk.codecs.streaming import StreamingConfig
+from omnitalk.engine.speech.config import SpeechConfig
+from omnitalk.engine.speech.engine import streaming_config
+from omnitalk.engine.speech.policy import (
+    SAMPLE_RATE,
+    STEP_AUDIO_S,
+    Candidate,
+    PlaybackClock,
+    Work,
+    choose,
+    pause_bound,
+)
 
 
 def test_deadline_is_arrival_until_first_audio_then_when_the_sent_audio_runs_out():
@@ -43,3 +58,48 @@ def test_no_stream_starves_under_a_stream_of_newcomers():
     old = Candidate("old", clock.deadline(), talker_ready=False, code2wav_ready=True)
     newcomers = [Candidate(f"new{i}", 2.6 + i, talker_ready=True, code2wav_ready=False) for i in range(3)]
     assert choose([*newcomers, old], max_batch=8) == (Work.CODE2WAV, ["old"])
+
+
+def test_a_code2wav_batch_is_cut_to_the_pause_the_talking_streams_can_afford():
+    now = 100.0
+    due = [
+        Candidate(f"due{i}", deadline=now + 0.1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(8)
+    ]
+    talking = Candidate("talking", deadline=now + 0.4, talker_ready=True, code2wav_ready=False, playing=True)
+    assert pause_bound([*due, talking], now) == pytest.approx(0.2)  # half its 0.4 s of buffered audio
+    work, keys = choose([*due, talking], max_batch=64, now=now, code2wav_row_s=0.05)
+    assert work is Work.CODE2WAV and keys == [f"due{i}" for i in range(4)]  # 4 x 50 ms fits in 200 ms
+    # without a stream waiting for the talker, or before any cost is measured, the batch is not cut
+    assert choose(due, max_batch=64, now=now, code2wav_row_s=0.05) == (Work.CODE2WAV, [c.key for c in due])
+    assert len(choose([*due, talking], max_batch=64, now=now)[1]) == 8
+
+
+def test_the_pause_bound_has_a_floor_and_one_row_always_runs():
+    now = 5.0
+    due = [Candidate(f"due{i}", deadline=now - 1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(6)]
+    starting = Candidate("starting", deadline=now - 0.5, talker_ready=True, code2wav_ready=False)
+    assert pause_bound([*due, starting], now) == math.inf  # not playing yet: it cannot underrun
+    late = Candidate("late", deadline=now - 0.5, talker_ready=True, code2wav_ready=False, playing=True)
+    assert pause_bound([*due, late], now) == STEP_AUDIO_S  # already behind: the floor, one step's audio
+    assert choose([*due, late], max_batch=64, now=now, code2wav_row_s=0.005)[1] == ["due0", "due1", "due2", "due3"]
+    assert choose([*due, late], max_batch=64, now=now, code2wav_row_s=1.0)[1] == ["due0"]
+
+
+def test_speech_settings_choose_code2wav_windows_and_solver():
+    config = streaming_config(SpeechConfig(first_chunk_codes=12, ode_solver="euler"))
+    assert (config.codes_for_chunk(0), config.solver) == (12, "euler")
+    assert streaming_config(SpeechConfig()) == StreamingConfig(first_future_mel=24)  # Qwen's windows, RK4
+    for bad in ({"first_chunk_codes": 36}, {"ode_solver": "midpoint"}):
+        with pytest.raises(ValueError):
+            streaming_config(SpeechConfig(**bad))
+
+
+def test_once_the_talker_has_waited_the_bound_it_steps_before_more_code2wav():
+    now = 50.0
+    due = Candidate("due", deadline=now + 0.05, talker_ready=False, code2wav_ready=True)
+    talking = Candidate("talking", deadline=now + 0.3, talker_ready=True, code2wav_ready=False, playing=True)
+    assert choose([due, talking], max_batch=8, now=now, code2wav_row_s=0.01, talker_waited_s=0.1)[0] is Work.CODE2WAV
+    assert choose([due, talking], max_batch=8, now=now, code2wav_row_s=0.01, talker_waited_s=0.15) == (
+        Work.TALKER_STEP,
+        ["talking"],
+    )
