@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from omnitalk.engine.request import Message, Sampling, ThinkerRequest
 from omnitalk.engine.speech.config import SpeechConfig
@@ -74,8 +75,6 @@ class EngineConfig:
 def check_startup(config: EngineConfig) -> None:
     """What can be refused before any engine process starts, each with a one-line ValueError: a missing
     checkpoint, a speech device or dtype this machine lacks, more GPUs than it has, an unsupported runner."""
-    import torch
-
     if not (config.thinker.model / "config.json").is_file():
         raise ValueError(f"{config.thinker.model} is not a Hugging Face checkpoint directory (no config.json)")
     config.speech.torch_dtype()  # resolves, and so checks, the device too

@@ -47,7 +47,10 @@ def checkpoint_dtype(model: Path) -> str:
                 return _canonical(section[key])
     from safetensors import safe_open
 
-    with safe_open(next(iter(sorted(model.glob("*.safetensors")))), "pt") as weights:
+    files = sorted(model.glob("*.safetensors"))
+    if not files:
+        return "float32"  # what transformers loads a checkpoint in when nothing says otherwise
+    with safe_open(files[0], "pt") as weights:
         name = next(iter(weights.keys()))
         return _SAFETENSORS_DTYPES.get(weights.get_slice(name).get_dtype(), "float32")
 
