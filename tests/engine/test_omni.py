@@ -114,15 +114,3 @@ async def test_unknown_voice_is_a_clear_error(omni: OmniEngine):
     request = OmniRequest("bad-voice", conversation("Hi."), speech=Speech("Nobody"))
     with pytest.raises(ValueError, match="unknown voice 'Nobody'; available: Chelsie, Ethan"):
         await run(omni, request)
-
-
-async def test_a_stream_the_talker_cannot_take_fails_alone_and_speech_goes_on(omni: OmniEngine):
-    too_long = conversation("word " * (omni.speech.talker.cache.max_len + 10))
-    with pytest.raises(ValueError, match="exceeds the talker's max_len"):
-        await run(omni, OmniRequest("talker-too-long", too_long, Sampling(max_tokens=4), Speech()))
-    speech = Speech(sampling=TalkerSampling(seed=3, max_tokens=60))
-    events, waveform = await run(
-        omni, OmniRequest("after-too-long", conversation("Hi."), Sampling(max_tokens=8), speech)
-    )
-    assert len(waveform) == events[-1].usage.audio_tokens * SAMPLES_PER_CODE
-    assert omni.speech.num_streams == 0
