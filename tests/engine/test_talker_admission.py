@@ -28,7 +28,8 @@ def code2wav(tiny_dir) -> Code2Wav:
 
 
 @pytest.fixture
-def speech(tiny_dir, code2wav: Code2Wav) -> Iterator[SpeechEngine]:
+def two_stream_pool(tiny_dir, code2wav: Code2Wav) -> Iterator[SpeechEngine]:
+    """A speech engine whose talker pool holds two of the streams below, not three."""
     talker = Talker.from_checkpoint(tiny_dir, max_seqs=4, memory_gib=pool_gib(POOL_TOKENS))
     engine = SpeechEngine(talker, code2wav, max_batch=4)
     yield engine
@@ -90,7 +91,8 @@ def record_pool_use(talker: Talker) -> list[tuple[str, str]]:
     return log
 
 
-def test_a_full_pool_queues_streams_and_serves_each_whole(speech: SpeechEngine):
+def test_a_full_pool_queues_streams_and_serves_each_whole(two_stream_pool: SpeechEngine):
+    speech = two_stream_pool
     recorder, pool_use = Recorder(), record_pool_use(speech.talker)
     seqs = [synthetic(name, 4500, 60, i) for i, name in enumerate("abc")]
     assert speech.talker.num_tokens_needed(seqs[0]) == 4561
@@ -107,7 +109,8 @@ def test_a_full_pool_queues_streams_and_serves_each_whole(speech: SpeechEngine):
     assert speech.num_streams == 0 and speech.talker.num_free_tokens == POOL_TOKENS
 
 
-def test_a_stream_that_can_never_fit_fails_alone_before_any_audio(speech: SpeechEngine):
+def test_a_stream_that_can_never_fit_fails_alone_before_any_audio(two_stream_pool: SpeechEngine):
+    speech = two_stream_pool
     recorder = Recorder()
     fits, impossible = synthetic("fits", 4500, 60), synthetic("impossible", 4500, 6000)
     stream(speech, recorder, fits)
