@@ -112,6 +112,6 @@ class BigVGAN(nn.Module):
 
 def _normalize(mel: torch.Tensor, min_db: float = -115.0) -> torch.Tensor:
     """log amplitude -> dB floored at min_db, minus 20 dB -> [-1, 1]."""
-    floor = torch.exp(torch.tensor(min_db / 20.0 * math.log(10), device=mel.device, dtype=mel.dtype))
+    floor = math.exp(min_db / 20.0 * math.log(10))  # a Python scalar: no host-to-device copy in a CUDA graph
     db = 20 * torch.log10(torch.clamp(torch.exp(mel), min=floor)) - 20
     return torch.clamp(2 * ((db - min_db) / (-min_db)) - 1, -1.0, 1.0)
