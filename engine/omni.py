@@ -13,7 +13,7 @@ from omnitalk.engine.request import Message, Sampling, ThinkerRequest
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine, SpeechFailed
 from omnitalk.engine.talker.sampling import TalkerSampling
-from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
+from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine, ThinkerInputError
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
 
 SAMPLE_RATE = 24_000
@@ -92,7 +92,7 @@ class OmniEngine:
 
     async def generate(self, request: OmniRequest) -> AsyncIterator[OmniEvent]:
         if request.speech is not None and request.speech.voice not in self.voices:
-            raise ValueError(f"unknown voice {request.speech.voice!r}; available: {', '.join(self.voices)}")
+            raise ThinkerInputError(f"unknown voice {request.speech.voice!r}; available: {', '.join(self.voices)}")
         thinker_request = ThinkerRequest(
             request.request_id,
             request.messages,

@@ -150,7 +150,7 @@ class LiveResponse:
                             finished = event
             if finished is None:
                 raise RuntimeError("the engine's stream ended without Finished")
-        except (MediaError, ThinkerInputError, PromptError, ValueError) as error:
+        except (MediaError, ThinkerInputError, PromptError) as error:
             details = {"type": "invalid_request_error", "code": "invalid_prompt", "message": str(error)}
             self._finish("failed", {"type": "failed", "error": details}, None)
             return
