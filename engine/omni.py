@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.request import Message, Sampling, ThinkerRequest
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine, SpeechFailed
@@ -87,10 +88,17 @@ class OmniEngine:
         self.thinker.shutdown()
 
     @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve (a stage is dead and will not come back in this process), or None."""
+        return self.thinker.failure or self.speech.failure
+
+    @property
     def voices(self) -> list[str]:
         return self.speech.voices
 
     async def generate(self, request: OmniRequest) -> AsyncIterator[OmniEvent]:
+        if self.failure is not None:
+            raise EngineFailure(self.failure)
         if request.speech is not None and request.speech.voice not in self.voices:
             raise ThinkerInputError(f"unknown voice {request.speech.voice!r}; available: {', '.join(self.voices)}")
         thinker_request = ThinkerRequest(

@@ -19,6 +19,8 @@ from omnitalk.server.realtime.routes import router as realtime_router
 from omnitalk.server.state import ServerState
 
 log = logging.getLogger("omnitalk")
+WATCH_INTERVAL_S = 0.25
+WATCH_GRACE_S = 1.0
 
 
 def engine_config(state: ServerState) -> EngineConfig:
@@ -35,7 +37,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         owned = state.engine is None
         loading = asyncio.create_task(_load(state)) if owned else None
+        watchdog = asyncio.create_task(_watch(state))
         yield
+        watchdog.cancel()
         if loading is not None:
             loading.cancel()
         if owned and state.engine is not None:
@@ -48,11 +52,17 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(realtime_router)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        cause = state.failure
+        if cause is not None:
+            return JSONResponse({"status": "unhealthy", "cause": cause}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        cause = state.failure
+        if cause is not None:
+            return JSONResponse({"status": "unhealthy", "cause": cause}, status_code=503)
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready"})
@@ -73,6 +83,17 @@ async def _load(state: ServerState) -> None:
     try:
         state.engine = await asyncio.to_thread(OmniEngine.start, engine_config(state))
         log.info("engine ready: serving %s", state.model_name)
-    except Exception:
-        log.exception("the engine failed to start")
-        raise
+    except Exception as error:
+        log.debug("the engine failed to start", exc_info=error)
+        state.start_failure = f"the engine failed to start: {type(error).__name__}: {error}".splitlines()[0]
+
+
+async def _watch(state: ServerState) -> None:
+    """Once the server cannot serve (a dead stage, a failed start), /health says why, and `on_fatal` runs after
+    WATCH_GRACE_S, time for the requests that stage held to get their errors out."""
+    while state.failure is None:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+    log.error("%s: this server cannot serve any more", state.failure)
+    await asyncio.sleep(WATCH_GRACE_S)
+    if state.on_fatal is not None:
+        state.on_fatal()

@@ -69,11 +69,18 @@ def _serve(args: argparse.Namespace) -> None:
             "so its text and audio are noise. Pass --model DIR to serve a real Qwen2.5-Omni checkpoint.",
             settings.model,
         )
-    uvicorn.run(
-        create_app(ServerState(settings, name)),
+    state = ServerState(settings, name)
+    config = uvicorn.Config(
+        create_app(state),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=settings.ws_max_size,
         ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU
+        timeout_graceful_shutdown=5,  # a dead engine must not wait on open WebSockets
     )
+    server = uvicorn.Server(config)
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.failure is not None:  # a supervisor restarts us
+        raise SystemExit(f"omnitalk: {state.failure}")

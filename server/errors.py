@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.media import MediaError
 from omnitalk.engine.thinker.engine import ThinkerInputError
 from omnitalk.server.state import Busy
@@ -39,6 +40,9 @@ def to_api_error(error: Exception) -> APIError:
             return APIError(str(error), 429, "rate_limit_error", code="too_many_streams")
         case MediaError() | ThinkerInputError():
             return APIError(str(error), 400)
+        case EngineFailure():
+            log.error("request failed: %s", error)
+            return APIError(f"{error}; retry the request", 500, "server_error", code="engine_failure")
         case _:  # an internal failure, whatever its type (a ValueError inside the engine is not the client's fault)
             reference = f"error_{uuid.uuid4().hex[:12]}"
             log.error("internal error %s", reference, exc_info=error)

@@ -15,6 +15,7 @@ import torch
 
 from omnitalk.codecs.code2wav import Code2Wav
 from omnitalk.codecs.streaming import Code2WavStream
+from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.policy import Candidate, PlaybackClock, Work, choose
 from omnitalk.engine.talker.runner import Talker
@@ -70,6 +71,8 @@ class SpeechEngine:
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[str] = []  # opened, no talker slot yet (admitted in arrival order)
+        self._stopping = False
+        self.num_failures = 0  # times the thread failed and restarted in place
         self._thread = threading.Thread(target=self._run, name="omnitalk-speech", daemon=True)
         self._thread.start()
 
@@ -99,6 +102,8 @@ class SpeechEngine:
         sink: Sink,
     ) -> None:
         """Starts a stream; raises ValueError for an unknown voice. Audio noise is seeded like the talker."""
+        if not self._thread.is_alive():
+            raise EngineFailure("the speech thread is not running")
         if voice not in self.talker.speakers:
             raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices)}")
         seq = TalkerSequence(key, list(prompt_ids), speaker=voice, sampling=sampling, positions=positions)
@@ -119,25 +124,52 @@ class SpeechEngine:
         self._send("close", key)
 
     def shutdown(self) -> None:
+        self._stopping = True
         self._send("stop")
         self._thread.join(timeout=10)
 
     def _send(self, name: str, key: str = "", *args: object) -> None:
         self._inbox.put(_Command(name, key, args))
 
+    @property
+    def failure(self) -> str | None:
+        """Why the speech thread cannot serve (it is gone), or None while it runs."""
+        return None if self._thread.is_alive() or self._stopping else "the speech thread is not running"
+
     # The speech thread.
     def _run(self) -> None:
+        """Restarts in place after any failure: every stream it held fails at once, new ones are served."""
         while True:
-            work = choose(self._candidates(), self.max_batch)
-            commands = self._drain(block=work is None)
-            for command in commands:
-                if command.name == "stop":
+            try:
+                if self._step():
                     return
-                self._apply(command)
-            if commands:
-                work = choose(self._candidates(), self.max_batch)  # the inputs changed
-            if work is not None:
-                self._do(*work)
+            except Exception:
+                log.exception("the speech thread failed; failing its %d streams and going on", len(self._streams))
+                self.num_failures += 1
+                self._fail_all(EngineFailure("the speech stage failed; this response's audio was lost"))
+
+    def _step(self) -> bool:
+        """One round: commands in, one batch of work out. True once told to stop."""
+        work = choose(self._candidates(), self.max_batch)
+        commands = self._drain(block=work is None)
+        for command in commands:
+            if command.name == "stop":
+                return True
+            self._apply(command)
+        if commands:
+            work = choose(self._candidates(), self.max_batch)  # the inputs changed
+        if work is not None:
+            self._do(*work)
+        return False
+
+    def _fail_all(self, error: Exception) -> None:
+        streams, self._streams, self._waiting = self._streams, {}, []
+        for stream in streams.values():
+            try:
+                self.talker.free(stream.seq)
+            except Exception:
+                log.exception("freeing the talker slot of %s failed", stream.seq.request_id)
+            stream.sink(SpeechFailed(error))
 
     def _drain(self, block: bool) -> list[_Command]:
         commands = [self._inbox.get()] if block else []

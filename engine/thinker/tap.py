@@ -39,8 +39,22 @@ class HiddenStateWorker(_platform_worker()):
     def execute_model(self, scheduler_output):
         output = super().execute_model(scheduler_output)
         if self._should_publish():
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # the tapped requests of this step fail; the EngineCore and everyone else go on
+                log.exception("publishing hidden states failed")
+                self._report_failure()
         return output
+
+    def _report_failure(self) -> None:
+        """Names this step's tapped streams as failed; never raises (it runs inside the EngineCore)."""
+        try:
+            runner = self.model_runner
+            requests = [runner.requests.get(r) for r in runner.input_batch.req_ids]
+            ids = [(r.sampling_params.extra_args or {}).get(wire.TAP_KEY) for r in requests if r is not None]
+            self._socket.send_multipart(wire.encode_failure([i for i in ids if i is not None]))
+        except Exception:
+            log.exception("reporting a hidden-state failure failed")
 
     def _should_publish(self) -> bool:
         if self._publishes is None:

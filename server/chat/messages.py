@@ -59,9 +59,9 @@ def convert(
     if request.wants_audio and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", (Text(SPEECH_SYSTEM_PROMPT),)))
     messages = tuple(messages)
-    prompt = build_prompt(messages, tokenizer, use_audio_in_video=options.use_audio_in_video)["prompt"]
+    prompt = build_prompt(messages, tokenizer, use_audio_in_video=options.use_audio_in_video)
     placeholders = set(tokenizer.convert_tokens_to_ids(list(_PLACEHOLDERS)))
-    ids = tokenizer.encode(prompt)
+    ids = prompt.get("prompt_token_ids") or tokenizer.encode(prompt["prompt"])
     clips = [part for m in messages for part in m.content if isinstance(part, Audio | media.Video)]
     samples = [c.samples if isinstance(c, Audio) else c.audio for c in clips]
     audio_tokens = sum(audio_token_count(len(s)) for s in samples if s is not None)
