@@ -14,6 +14,7 @@ from omnitalk.engine.omni import EngineConfig, OmniEngine
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.thinker.engine import ThinkerConfig
 from omnitalk.server import errors
+from omnitalk.server.auth import Guard
 from omnitalk.server.chat.routes import router as chat_router
 from omnitalk.server.realtime.routes import router as realtime_router
 from omnitalk.server.state import ServerState
@@ -48,6 +49,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="omnitalk", lifespan=lifespan)
     app.state.omnitalk = state
     errors.install(app)
+    app.add_middleware(Guard, settings=state.settings)
     app.include_router(chat_router)
     app.include_router(realtime_router)
 

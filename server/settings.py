@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
@@ -20,8 +22,29 @@ class ServerSettings(BaseSettings):
     max_concurrent_streams: int = 32  # beyond it: HTTP 429 / a Realtime error, with a retry hint
     max_message_bytes: int = 16 * 1024 * 1024  # largest HTTP body or WebSocket message accepted
     max_audio_seconds: float = 600.0  # longest input audio (or video soundtrack) accepted
-    send_queue_size: int = 256  # per-connection outgoing events; a client slower than this is dropped
     speech_device: str = "cpu"
+    # Who may call. Keys guard every /v1 route: `Authorization: Bearer <key>`, or on the WebSocket the subprotocol
+    # `openai-insecure-api-key.<key>`. OMNITALK_API_KEY holds one key (or several, comma-separated).
+    api_key: Annotated[list[str], NoDecode] = []  # repeatable; none: no authentication
+    api_key_file: Path | None = None  # more keys, one per line ('#' starts a comment)
+    api_key_guards_metrics: bool = False  # /metrics needs a key too (/health and /ready never do)
+    # Origins (scheme://host[:port]) whose pages may open WebSockets or POST; the server's own always may, "*": any.
+    allowed_origins: Annotated[list[str], NoDecode] = []
+    max_client_lag_s: float = 20.0  # Realtime audio queued for a client beyond this: it is dropped as too slow
+    max_queued_bytes: int = 32 * 1024 * 1024  # outgoing bytes queued per Realtime connection, at most
+
+    @field_validator("api_key", "allowed_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    def all_api_keys(self) -> list[str]:
+        """The keys given directly and those in `api_key_file`."""
+        keys = list(self.api_key)
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
 
     @property
     def ws_max_size(self) -> int:

@@ -48,7 +48,7 @@ class Connection:
         voices = state.engine.voices
         config = SessionConfig(model=state.model_name, voice="Chelsie" if "Chelsie" in voices else voices[0])
         self.session = RealtimeSession(p.new_id("sess"), config)
-        self.outbox = Outbox(ws, self.settings.send_queue_size, state.metrics)
+        self.outbox = Outbox(ws, state.metrics, self.settings.max_queued_bytes, self.settings.max_client_lag_s)
 
     async def serve(self) -> None:
         writer = self.outbox.start()
