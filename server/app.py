@@ -21,12 +21,12 @@ from omnitalk.server.state import ServerState
 
 log = logging.getLogger("omnitalk")
 WATCH_INTERVAL_S = 0.25
-WATCH_GRACE_S = 1.0
 
 
 def engine_config(state: ServerState) -> EngineConfig:
     s = state.settings
-    thinker = ThinkerConfig(model=s.model, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs)
+    thinker = ThinkerConfig(model=s.model, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+                            gpu_memory_utilization=s.gpu_memory_utilization)  # fmt: skip
     return EngineConfig(thinker, SpeechConfig(device=s.speech_device, max_streams=s.max_concurrent_streams))
 
 
@@ -92,10 +92,10 @@ async def _load(state: ServerState) -> None:
 
 async def _watch(state: ServerState) -> None:
     """Once the server cannot serve (a dead stage, a failed start), /health says why, and `on_fatal` runs after
-    WATCH_GRACE_S, time for the requests that stage held to get their errors out."""
+    the grace time, time for the requests that stage held to get their errors out."""
     while state.failure is None:
         await asyncio.sleep(WATCH_INTERVAL_S)
     log.error("%s: this server cannot serve any more", state.failure)
-    await asyncio.sleep(WATCH_GRACE_S)
+    await asyncio.sleep(state.settings.failure_grace_s)
     if state.on_fatal is not None:
         state.on_fatal()

@@ -23,6 +23,8 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = 16 * 1024 * 1024  # largest HTTP body or WebSocket message accepted
     max_audio_seconds: float = 600.0  # longest input audio (or video soundtrack) accepted
     speech_device: str = "cpu"
+    gpu_memory_utilization: float | None = None  # the thinker's share of the device (of RAM on CPU); None: its default
+    failure_grace_s: float = 1.0  # a dead stage: /health says why this long, then the process exits non-zero
     # Who may call. Keys guard every /v1 route: `Authorization: Bearer <key>`, or on the WebSocket the subprotocol
     # `openai-insecure-api-key.<key>`. OMNITALK_API_KEY holds one key (or several, comma-separated).
     api_key: Annotated[list[str], NoDecode] = []  # repeatable; none: no authentication
