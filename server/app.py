@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from omnitalk.engine.omni import EngineConfig, OmniEngine
@@ -15,6 +16,7 @@ from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.thinker.engine import ThinkerConfig
 from omnitalk.server import errors
 from omnitalk.server.auth import Guard
+from omnitalk.server.chat.protocol import ChatCompletionRequest
 from omnitalk.server.chat.routes import router as chat_router
 from omnitalk.server.realtime.routes import router as realtime_router
 from omnitalk.server.state import ServerState
@@ -53,6 +55,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(realtime_router)
 
+    app.openapi = lambda: _openapi(app)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         cause = state.failure
@@ -79,6 +83,22 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus the chat request body (the route reads its body itself, bounded, so FastAPI cannot
+    see it): clients and schemathesis can build real requests from it."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(body.pop("$defs", {}))
+        body["examples"] = [{"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}]
+        components["ChatCompletionRequest"] = body
+        content = {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}
+        schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {"required": True, "content": content}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _load(state: ServerState) -> None:
