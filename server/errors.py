@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.media import MediaError
 from omnitalk.engine.thinker.engine import ThinkerInputError
+from omnitalk.engine.thinker.prompt import PromptError
 from omnitalk.server.state import Busy
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def to_api_error(error: Exception) -> APIError:
             return error
         case Busy():
             return APIError(str(error), 429, "rate_limit_error", code="too_many_streams")
-        case MediaError() | ThinkerInputError():
+        case MediaError() | ThinkerInputError() | PromptError():
             return APIError(str(error), 400)
         case EngineFailure():
             log.error("request failed: %s", error)
@@ -70,5 +71,5 @@ def install(app: FastAPI) -> None:
     async def mapped(_: Request, error: Exception) -> JSONResponse:
         return error_response(error)
 
-    for kind in (APIError, Busy, MediaError, ThinkerInputError, Exception):
+    for kind in (APIError, Busy, MediaError, ThinkerInputError, PromptError, Exception):
         app.add_exception_handler(kind, mapped)

@@ -9,6 +9,7 @@ import pytest
 from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.media import MediaError
 from omnitalk.engine.thinker.engine import ThinkerInputError
+from omnitalk.engine.thinker.prompt import PromptError
 from omnitalk.server.errors import to_api_error
 from omnitalk.server.limits import MAX_JSON_DEPTH, JSONError, load_json
 from omnitalk.server.state import Busy
@@ -54,6 +55,7 @@ def test_malformed_json_is_a_json_error():
     [
         (MediaError("bad audio"), 400, "invalid_request_error"),
         (ThinkerInputError("too long"), 400, "invalid_request_error"),
+        (PromptError("use_audio_in_video needs videos"), 400, "invalid_request_error"),
         (Busy("full"), 429, "rate_limit_error"),
         (ValueError("shapes [3, 7] and [4, 7]"), 500, "server_error"),  # inside the engine: not the client's fault
         (KeyError("slot"), 500, "server_error"),
