@@ -107,7 +107,7 @@ async def _load(state: ServerState) -> None:
         log.info("engine ready: serving %s", state.model_name)
     except Exception as error:
         log.debug("the engine failed to start", exc_info=error)
-        state.start_failure = f"the engine failed to start: {type(error).__name__}: {error}".splitlines()[0]
+        state.fatal = f"the engine failed to start: {type(error).__name__}: {error}".splitlines()[0]
 
 
 async def _watch(state: ServerState) -> None:
@@ -115,6 +115,7 @@ async def _watch(state: ServerState) -> None:
     the grace time, time for the requests that stage held to get their errors out."""
     while state.failure is None:
         await asyncio.sleep(WATCH_INTERVAL_S)
+    state.fatal = state.failure  # kept: shutting the dead engine down must not make it look healthy again
     log.error("%s: this server cannot serve any more", state.failure)
     await asyncio.sleep(state.settings.failure_grace_s)
     if state.on_fatal is not None:

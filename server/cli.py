@@ -82,5 +82,5 @@ def _serve(args: argparse.Namespace) -> None:
     server = uvicorn.Server(config)
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
-    if state.failure is not None:  # a supervisor restarts us
-        raise SystemExit(f"omnitalk: {state.failure}")
+    if state.fatal is not None:  # a supervisor restarts us
+        raise SystemExit(f"omnitalk: {state.fatal}")

@@ -41,7 +41,7 @@ class ServerState:
     engine: OmniEngine | None = None  # None while loading
     limiter: StreamLimiter = field(init=False)
     metrics: Metrics = field(default_factory=Metrics)
-    start_failure: str | None = None  # why the engine could not be loaded
+    fatal: str | None = None  # why this server stopped serving for good (a failed start, a dead stage), once known
     on_fatal: Callable[[], None] | None = None  # called once the server cannot serve any more: the CLI exits
 
     def __post_init__(self) -> None:
@@ -50,6 +50,6 @@ class ServerState:
     @property
     def failure(self) -> str | None:
         """Why this server cannot serve (start-up failed, a stage is dead), or None."""
-        if self.start_failure is not None:
-            return self.start_failure
+        if self.fatal is not None:
+            return self.fatal
         return self.engine.failure if self.engine is not None else None
