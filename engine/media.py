@@ -36,6 +36,14 @@ _DEMUXERS = {
     "aac": "aac",
 }
 PCM16 = "pcm16"
+# The only FFmpeg demuxers inline media may reach: real audio and video containers. Never playlists (hls),
+# concat lists (ffconcat), image sequences or anything else that opens other files or URLs.
+_MEDIA_DEMUXERS = "wav,mp3,flac,ogg,matroska,webm,mov,mp4,m4a,aac,avi,mpegts,mpeg,flv"
+
+# Qwen's image budget (qwen-omni-utils' smart_resize): sides rounded to multiples of 28, at most this many pixels.
+IMAGE_FACTOR = 28
+MAX_IMAGE_PIXELS = 16384 * 28 * 28  # the processor's own max_pixels: beyond it, an image is downscaled
+_MAX_DECODED_PIXELS = 64_000_000  # an image or video frame larger than this is refused before decoding
 
 
 class MediaError(ValueError):
@@ -71,20 +79,28 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 
 
 def load_audio(
-    data: bytes, *, format: str | None = None, sample_rate: int | None = None, channels: int = 1
+    data: bytes,
+    *,
+    format: str | None = None,
+    sample_rate: int | None = None,
+    channels: int = 1,
+    max_seconds: float = math.inf,
 ) -> np.ndarray:
     """Float32 mono audio at SAMPLE_RATE in [-1, 1].
 
     `format` is a container name (wav, mp3, flac, ogg, opus, webm, m4a, mp4, aac), None to recognise it
     from the bytes, or "pcm16": raw little-endian 16-bit samples, `channels` of them interleaved, at
-    `sample_rate` (which only raw audio needs). Channels are averaged.
+    `sample_rate` (which only raw audio needs). Channels are averaged. Audio longer than `max_seconds` is refused
+    before it is resampled (raw audio) or as soon as decoding reaches that length (containers).
     """
     if not data:
         raise MediaError("the audio is empty (0 bytes)")
     if format == PCM16:
-        audio = _resample([_pcm16_frame(data, sample_rate, channels)])
+        frame = _pcm16_frame(data, sample_rate, channels)
+        _check_seconds(frame.samples / frame.sample_rate, max_seconds, "audio")
+        audio = _resample([frame])
     elif format is None or format in _DEMUXERS:
-        audio = _decode_audio(data, None if format is None else _DEMUXERS[format])
+        audio = _decode_audio(data, None if format is None else _DEMUXERS[format], max_seconds)
     else:
         raise MediaError(f"unsupported audio format {format!r}; use one of {', '.join([*_DEMUXERS, PCM16])}")
     if audio.size == 0:
@@ -92,8 +108,9 @@ def load_audio(
     return audio
 
 
-def load_image(data: bytes) -> Image.Image:
-    """A fully loaded RGB image, turned upright by its EXIF orientation, transparency flattened onto white."""
+def load_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A fully loaded RGB image, turned upright by its EXIF orientation, transparency flattened onto white, and
+    downscaled the way Qwen's processor bounds images when it has more than `max_pixels` pixels."""
     if not data:
         raise MediaError("the image is empty (0 bytes)")
     with _decoding("image"):
@@ -103,18 +120,43 @@ def load_image(data: bytes) -> Image.Image:
             raise MediaError("the image is not in a format that can be read (png, jpeg, webp, gif, ...)") from exc
         except Image.DecompressionBombError as exc:
             raise MediaError(f"the image is too large: {exc}") from exc
+        width, height = image.size  # read from the header: nothing is decoded yet
+        if width * height > _MAX_DECODED_PIXELS:
+            raise MediaError(f"the image is too large: {width}x{height} pixels, at most {_MAX_DECODED_PIXELS}")
+        size = budget_size(width, height, max_pixels)
+        if size != (width, height):
+            image.draft("RGB", size)  # JPEG decodes at a reduced scale directly; other formats ignore it
         image = ImageOps.exif_transpose(image)  # also loads the pixels, so nothing is left lazy
-        return _to_rgb(image)
+        image = _to_rgb(image)
+        size = budget_size(*image.size, max_pixels)
+        return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def load_video(data: bytes, *, fps: float = VIDEO_FPS, with_audio: bool = False) -> Video:
-    """Frames sampled at about `fps` as qwen-omni-utils samples them, and the soundtrack when `with_audio`."""
+def budget_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) unchanged when within `max_pixels`, else scaled down keeping the aspect ratio to sides that
+    are multiples of 28 (qwen-omni-utils' smart_resize, which floors both sides on the scaled grid)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(width * height / max_pixels)
+    return _grid_floor(width / scale), _grid_floor(height / scale)
+
+
+def _grid_floor(side: float) -> int:
+    return max(IMAGE_FACTOR, math.floor(side / IMAGE_FACTOR) * IMAGE_FACTOR)
+
+
+def load_video(
+    data: bytes, *, fps: float = VIDEO_FPS, with_audio: bool = False, max_seconds: float = math.inf
+) -> Video:
+    """Frames sampled at about `fps` as qwen-omni-utils samples them, and the soundtrack when `with_audio`; a
+    video longer than `max_seconds` is refused before any frame is decoded."""
     if not data:
         raise MediaError("the video is empty (0 bytes)")
     if not fps > 0:
         raise MediaError(f"the frame sampling rate must be positive, got {fps}")
     with _decoding("video"):
         total, video_fps = _count_frames(data)
+        _check_seconds(total / video_fps, max_seconds, "video")
         count = _sample_count(total, video_fps, fps)
         indices = np.linspace(0, total - 1, count).round().astype(int)
         frames, audio = _decode_video(data, set(indices.tolist()), with_audio)
@@ -140,6 +182,25 @@ def _decoding(what: str) -> Iterator[None]:
         raise MediaError(f"the {what} could not be decoded (is the file whole and valid?): {reason}") from exc
 
 
+def _check_seconds(seconds: float, max_seconds: float, what: str) -> None:
+    if seconds > max_seconds:
+        raise MediaError(f"the {what} lasts {seconds:.1f} s; this server takes at most {max_seconds:g} s")
+
+
+@contextmanager
+def _open(data: bytes, what: str, format: str | None = None) -> Iterator[av.container.InputContainer]:
+    """The container, read only by one of the media demuxers and opening nothing else (no files, no URLs)."""
+    options = {"format_whitelist": _MEDIA_DEMUXERS, "protocol_whitelist": "none"}
+    try:
+        container = av.open(io.BytesIO(data), format=format, options=options)
+    except (av.error.ArgumentError, av.error.InvalidDataError) as exc:
+        raise MediaError(
+            f"the {what} could not be decoded (is it a whole {what} file, in one of {_MEDIA_DEMUXERS}?)"
+        ) from exc
+    with container:
+        yield container
+
+
 def _pcm16_frame(data: bytes, sample_rate: int | None, channels: int) -> av.AudioFrame:
     if sample_rate is None:
         raise MediaError("raw pcm16 audio needs its sample rate")
@@ -153,11 +214,21 @@ def _pcm16_frame(data: bytes, sample_rate: int | None, channels: int) -> av.Audi
     return frame
 
 
-def _decode_audio(data: bytes, demuxer: str | None) -> np.ndarray:
-    with _decoding("audio"), av.open(io.BytesIO(data), format=demuxer) as container:
+def _decode_audio(data: bytes, demuxer: str | None, max_seconds: float) -> np.ndarray:
+    with _decoding("audio"), _open(data, "audio", demuxer) as container:
         if not container.streams.audio:
             raise MediaError("the file has no audio stream (is it a whole audio file?)")
-        return _resample(container.decode(container.streams.audio[0]))
+        if container.duration is not None:  # what the header says; the decoded length is checked as it grows
+            _check_seconds(container.duration / av.time_base, max_seconds, "audio")
+        return _resample(_bounded(container.decode(container.streams.audio[0]), max_seconds))
+
+
+def _bounded(frames: Iterable[av.AudioFrame], max_seconds: float) -> Iterator[av.AudioFrame]:
+    seconds = 0.0
+    for frame in frames:
+        seconds += frame.samples / (frame.sample_rate or SAMPLE_RATE)
+        _check_seconds(seconds, max_seconds, "audio")
+        yield frame
 
 
 class _Resampler:
@@ -193,10 +264,13 @@ def _resample(frames: Iterable[av.AudioFrame]) -> np.ndarray:
 
 def _count_frames(data: bytes) -> tuple[int, float]:
     """The video stream's frame count (its packets, without decoding them) and frame rate."""
-    with av.open(io.BytesIO(data)) as container:
+    with _open(data, "video") as container:
         if not container.streams.video:
             raise MediaError("the file has no video stream (is it a whole video file?)")
         stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > _MAX_DECODED_PIXELS:
+            raise MediaError(f"the video's frames are too large: {width}x{height}, at most {_MAX_DECODED_PIXELS}")
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
             raise MediaError("the video does not say its frame rate")
@@ -219,7 +293,7 @@ def _floor_even(value: float) -> int:
 
 def _decode_video(data: bytes, indices: set[int], with_audio: bool) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The RGB frames at `indices` (in decoding order) and, when `with_audio`, the whole soundtrack."""
-    with av.open(io.BytesIO(data)) as container:
+    with _open(data, "video") as container:
         video = container.streams.video[0]
         if with_audio and not container.streams.audio:
             raise MediaError("the video has no soundtrack; send it without asking for its audio")

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.request import Message, Sampling, ThinkerRequest
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine, SpeechFailed
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.config import ThinkerStartError, pin_v1_runner
-from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine
+from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine, ThinkerInputError
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
 
 SAMPLE_RATE = 24_000
@@ -104,12 +105,19 @@ class OmniEngine:
         self.thinker.shutdown()
 
     @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve (a stage is dead and will not come back in this process), or None."""
+        return self.thinker.failure or self.speech.failure
+
+    @property
     def voices(self) -> list[str]:
         return self.speech.voices
 
     async def generate(self, request: OmniRequest) -> AsyncIterator[OmniEvent]:
+        if self.failure is not None:
+            raise EngineFailure(self.failure)
         if request.speech is not None and request.speech.voice not in self.voices:
-            raise ValueError(f"unknown voice {request.speech.voice!r}; available: {', '.join(self.voices)}")
+            raise ThinkerInputError(f"unknown voice {request.speech.voice!r}; available: {', '.join(self.voices)}")
         thinker_request = ThinkerRequest(
             request.request_id,
             request.messages,

@@ -81,14 +81,21 @@ def _serve(args: argparse.Namespace) -> None:
         check_startup(engine_config(settings))
     except ValueError as error:
         raise SystemExit(f"omnitalk serve: error: {error}") from None
-    uvicorn.run(
-        create_app(ServerState(settings, name)),
+    state = ServerState(settings, name)
+    config = uvicorn.Config(
+        create_app(state),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=settings.ws_max_size,
         ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU
+        timeout_graceful_shutdown=5,  # a dead engine must not wait on open WebSockets
     )
+    server = uvicorn.Server(config)
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.fatal is not None:  # a supervisor restarts us
+        raise SystemExit(f"omnitalk: {state.fatal}")
 
 
 def serve_settings(args: argparse.Namespace) -> ServerSettings:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.media import MediaError
 from omnitalk.engine.thinker.engine import ThinkerInputError
+from omnitalk.engine.thinker.prompt import PromptError
 from omnitalk.server.state import Busy
 
 log = logging.getLogger(__name__)
@@ -36,11 +39,15 @@ def to_api_error(error: Exception) -> APIError:
             return error
         case Busy():
             return APIError(str(error), 429, "rate_limit_error", code="too_many_streams")
-        case MediaError() | ThinkerInputError() | ValueError():
+        case MediaError() | ThinkerInputError() | PromptError():
             return APIError(str(error), 400)
-        case _:
-            log.exception("internal error", exc_info=error)
-            return APIError("internal server error", 500, "server_error")
+        case EngineFailure():
+            log.error("request failed: %s", error)
+            return APIError(f"{error}; retry the request", 500, "server_error", code="engine_failure")
+        case _:  # an internal failure, whatever its type (a ValueError inside the engine is not the client's fault)
+            reference = f"error_{uuid.uuid4().hex[:12]}"
+            log.error("internal error %s", reference, exc_info=error)
+            return APIError(f"internal server error (reference {reference})", 500, "server_error")
 
 
 def error_response(error: Exception) -> JSONResponse:
@@ -64,5 +71,5 @@ def install(app: FastAPI) -> None:
     async def mapped(_: Request, error: Exception) -> JSONResponse:
         return error_response(error)
 
-    for kind in (APIError, Busy, MediaError, ThinkerInputError, ValueError, Exception):
+    for kind in (APIError, Busy, MediaError, ThinkerInputError, PromptError, Exception):
         app.add_exception_handler(kind, mapped)

@@ -29,7 +29,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     vllm = _vllm_actions()
     for name, field in ServerSettings.model_fields.items():
         default = "" if field.default is None else f"default: {field.default}; "
-        help = f"{field.description} ({default}env OMNITALK_{name.upper()})"
+        help = f"{field.description} ({default}env OMNITALK_{name.upper()})".replace("%", "%%")  # argparse formats it
         if name in VLLM_FIELDS:
             _add_like_vllm(thinker, vllm[name], name, help)
         else:
@@ -43,7 +43,11 @@ def _add_own(group: argparse._ArgumentGroup, name: str, field: FieldInfo, help: 
     if kind is bool:
         _add_switch(group, [flag], name, help)
         return
-    metavar = "DIR" if kind is Path else name.upper()
+    if typing.get_origin(kind) is list:  # repeatable: --api-key A --api-key B
+        (item,) = typing.get_args(kind)
+        group.add_argument(flag, dest=name, type=item, action="append", default=argparse.SUPPRESS, help=help)
+        return
+    metavar = "DIR" if name == "model" else "FILE" if kind is Path else name.upper()
     group.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help)
 
 

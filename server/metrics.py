@@ -33,6 +33,10 @@ class Metrics:
         )  # fmt: skip
         self.live_streams = Gauge("omnitalk:live_streams", "Responses being generated", registry=r)
         self.queue_depth = Gauge("omnitalk:queue_depth", "Outgoing events queued for slow clients", registry=r)
+        self.queued_bytes = Gauge("omnitalk:queued_bytes", "Bytes of outgoing events queued", registry=r)
+        self.active_streams = Gauge("omnitalk:active_streams", "Stream-limit slots held", registry=r)
+        self.shed = Counter("omnitalk:shed_requests", "Requests refused at the stream limit (429)", registry=r)
+        self.slow_clients = Counter("omnitalk:dropped_clients", "Realtime clients dropped for lag", registry=r)
         self.prompt_tokens = Counter("omnitalk:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("omnitalk:generation_tokens", "Text tokens generated", registry=r)
         self.audio_tokens = Counter("omnitalk:audio_tokens", "Codec tokens generated (50 per audio second)", registry=r)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Settings that are vLLM engine arguments: `omnitalk serve` takes them under vLLM's own flag names and types.
 VLLM_FIELDS = (
@@ -20,7 +22,7 @@ VLLM_FIELDS = (
     "enable_prefix_caching",
     "distributed_executor_backend",
 )
-SPEECH_FIELDS = ("speech_device", "speech_dtype")
+SPEECH_FIELDS = ("speech_device", "speech_dtype", "talker_memory_gib", "first_chunk_codes", "ode_solver")
 
 
 class ServerSettings(BaseSettings):
@@ -40,15 +42,35 @@ class ServerSettings(BaseSettings):
     """largest HTTP body or WebSocket message accepted"""
     max_audio_seconds: float = 600.0
     """longest input audio (or video soundtrack) accepted"""
-    send_queue_size: int = 256
-    """outgoing events queued per connection; a client slower than this is dropped"""
+    failure_grace_s: float = 1.0
+    """after a stage dies, /health says why for this long, then the process exits non-zero"""
+
+    # Who may call.
+    api_key: Annotated[list[str], NoDecode] = []
+    """a key that guards every /v1 route (repeatable; OMNITALK_API_KEY: comma-separated): `Authorization: Bearer
+    KEY`, or on the WebSocket the subprotocol `openai-insecure-api-key.KEY`; none: no authentication"""
+    api_key_file: Path | None = None
+    """more keys, one per line ('#' starts a comment)"""
+    api_key_guards_metrics: bool = False
+    """/metrics needs a key too (/health and /ready never do)"""
+    allowed_origins: Annotated[list[str], NoDecode] = []
+    """origins (scheme://host[:port]) whose pages may open WebSockets or POST, besides the server's own; *: any"""
+    max_client_lag_s: float = 20.0
+    """Realtime audio queued for a client beyond this many seconds: it is dropped as too slow"""
+    max_queued_bytes: int = 32 * 1024 * 1024
+    """outgoing bytes queued per Realtime connection, at most"""
 
     # The speech stage.
     speech_device: str = "auto"
     """where the talker and Code2Wav run: auto (the thinker's GPU on CUDA, else cpu), cpu, cuda:N"""
     speech_dtype: str = "auto"
-    """the talker's dtype (Code2Wav stays float32): auto (bfloat16 on CUDA, float32 on cpu), bfloat16,
-    float16, float32"""
+    """the talker's and Code2Wav's dtype: auto (bfloat16 on CUDA, float32 on cpu), bfloat16, float16, float32"""
+    talker_memory_gib: float | None = None
+    """GiB for the talker's shared KV pool (streams wait when it is full); none: 15% of the GPU, 1 GiB on cpu"""
+    first_chunk_codes: int = 48
+    """codec codes before a stream's first audio: 48 (Qwen's), 24 or 12 (sooner, with less look-ahead)"""
+    ode_solver: str = "rk4"
+    """Code2Wav's flow-matching solver: rk4 (transformers') or euler (a quarter of the DiT calls)"""
 
     # The thinker (vLLM engine arguments; None: omnitalk's or vLLM's default).
     dtype: str = "auto"
@@ -64,7 +86,7 @@ class ServerSettings(BaseSettings):
     tensor_parallel_size: int = 1
     """GPUs the thinker is split over"""
     enforce_eager: bool = False
-    """no CUDA graphs"""
+    """no CUDA graphs (the thinker's, the talker's and Code2Wav's)"""
     kv_cache_dtype: str = "auto"
     """the thinker's KV cache dtype"""
     quantization: str | None = None
@@ -73,6 +95,19 @@ class ServerSettings(BaseSettings):
     """reuse cached prompt prefixes for text-only requests (spoken ones bypass the cache: they need every row)"""
     distributed_executor_backend: str | None = None
     """how vLLM runs tensor-parallel workers (mp, ray, ...); none: vLLM's choice"""
+
+    @field_validator("api_key", "allowed_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    def all_api_keys(self) -> list[str]:
+        """The keys given directly and those in `api_key_file`."""
+        keys = list(self.api_key)
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
 
     @property
     def ws_max_size(self) -> int:

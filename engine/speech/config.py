@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+FIRST_CHUNK_CODES = (48, 24, 12)  # what the DiT's blocks and look-ahead allow (docs/code2wav.md)
+ODE_SOLVERS = ("rk4", "euler")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True, slots=True)
 class SpeechConfig:
     device: str = "auto"  # "auto": the thinker's GPU (cuda:0, the first visible one) on CUDA, else "cpu"
-    dtype: str = "auto"  # the talker's; "auto": bfloat16 on CUDA, float32 on the CPU; or one of DTYPES
+    dtype: str = "auto"  # the talker's and Code2Wav's; "auto": bfloat16 on CUDA, float32 on the CPU; or one of DTYPES
     max_streams: int = 64  # streams the talker and Code2Wav batch at once
     talker_memory_gib: float | None = None  # the talker's KV pool; None: 15% of a GPU's memory, 1 GiB on CPU
     first_chunk_codes: int = 48  # codes before a stream's first audio: 48 (Qwen's), 24 or 12
@@ -24,6 +26,10 @@ class SpeechConfig:
             raise ValueError(f"max_streams must be at least 1, got {self.max_streams}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"speech dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if self.first_chunk_codes not in FIRST_CHUNK_CODES:
+            raise ValueError(f"first_chunk_codes must be one of {FIRST_CHUNK_CODES}, not {self.first_chunk_codes}")
+        if self.ode_solver not in ODE_SOLVERS:
+            raise ValueError(f"ode_solver must be one of {', '.join(ODE_SOLVERS)}, not {self.ode_solver!r}")
         if self.talker_memory_gib is not None and self.talker_memory_gib <= 0:
             raise ValueError(f"talker_memory_gib must be positive, got {self.talker_memory_gib}")
 

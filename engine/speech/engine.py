@@ -15,6 +15,7 @@ import torch
 
 from omnitalk.codecs.code2wav import Code2Wav
 from omnitalk.codecs.streaming import Code2WavStream, StreamingConfig
+from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.policy import Candidate, PlaybackClock, Work, choose
 from omnitalk.engine.talker.runner import Talker
@@ -52,14 +53,11 @@ class SpeechStats:
     worst_talker_wait_s: float = 0.0  # longest a talker-ready stream waited for the next talker step
 
 
-FIRST_CHUNK_CODES = (48, 24, 12)
 CODE2WAV_COST_EMA = 0.3  # weight of the newest batch in the predicted Code2Wav cost per row
 
 
 def streaming_config(config: SpeechConfig) -> StreamingConfig:
-    """Code2Wav's windows and solver from the speech settings; ValueError for values not offered."""
-    if config.first_chunk_codes not in FIRST_CHUNK_CODES:
-        raise ValueError(f"first_chunk_codes must be one of {FIRST_CHUNK_CODES}, not {config.first_chunk_codes}")
+    """Code2Wav's windows and solver from the speech settings."""
     return StreamingConfig.for_first_chunk(config.first_chunk_codes, solver=config.ode_solver)
 
 
@@ -95,6 +93,8 @@ class SpeechEngine:
         self._stats = SpeechStats()
         self._talker_wait_from: float | None = None  # since when a talker-ready stream waits for a step
         self._code2wav_row_s = 0.0  # predicted Code2Wav cost per row, from measured batches
+        self._stopping = False
+        self.num_failures = 0  # times the thread failed and restarted in place
         self._thread = threading.Thread(target=self._run, name="omnitalk-speech", daemon=True)
         self._thread.start()
 
@@ -149,6 +149,8 @@ class SpeechEngine:
         sink: Sink,
     ) -> None:
         """Starts a stream; raises ValueError for an unknown voice. Audio noise is seeded like the talker."""
+        if not self._thread.is_alive():
+            raise EngineFailure("the speech thread is not running")
         if voice not in self.talker.speakers:
             raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices)}")
         seq = TalkerSequence(key, list(prompt_ids), speaker=voice, sampling=sampling, positions=positions)
@@ -169,25 +171,52 @@ class SpeechEngine:
         self._send("close", key)
 
     def shutdown(self) -> None:
+        self._stopping = True
         self._send("stop")
         self._thread.join(timeout=10)
 
     def _send(self, name: str, key: str = "", *args: object) -> None:
         self._inbox.put(_Command(name, key, args))
 
+    @property
+    def failure(self) -> str | None:
+        """Why the speech thread cannot serve (it is gone), or None while it runs."""
+        return None if self._thread.is_alive() or self._stopping else "the speech thread is not running"
+
     # The speech thread.
     def _run(self) -> None:
+        """Restarts in place after any failure: every stream it held fails at once, new ones are served."""
         while True:
-            work = self._choose()
-            commands = self._drain(block=work is None)
-            for command in commands:
-                if command.name == "stop":
+            try:
+                if self._step():
                     return
-                self._apply(command)
-            if commands:
-                work = self._choose()  # the inputs changed
-            if work is not None:
-                self._do(*work)
+            except Exception:
+                log.exception("the speech thread failed; failing its %d streams and going on", len(self._streams))
+                self.num_failures += 1
+                self._fail_all(EngineFailure("the speech stage failed; this response's audio was lost"))
+
+    def _step(self) -> bool:
+        """One round: commands in, one batch of work out. True once told to stop."""
+        work = self._choose()
+        commands = self._drain(block=work is None)
+        for command in commands:
+            if command.name == "stop":
+                return True
+            self._apply(command)
+        if commands:
+            work = self._choose()  # the inputs changed
+        if work is not None:
+            self._do(*work)
+        return False
+
+    def _fail_all(self, error: Exception) -> None:
+        streams, self._streams, self._waiting = self._streams, {}, []
+        for stream in streams.values():
+            try:
+                self.talker.free(stream.seq)
+            except Exception:
+                log.exception("freeing the talker slot of %s failed", stream.seq.request_id)
+            stream.sink(SpeechFailed(error))
 
     def _choose(self) -> tuple[Work, list[str]] | None:
         candidates, now = self._candidates(), self._now()

@@ -14,8 +14,9 @@ import torch
 import zmq
 import zmq.asyncio
 from vllm.exceptions import VLLMClientError
-from vllm.v1.engine.exceptions import EngineGenerateError
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.request import Sampling, ThinkerRequest
 from omnitalk.engine.thinker import rows as wire
 from omnitalk.engine.thinker.config import ThinkerConfig, check_vllm_config, pin_v1_runner, served_dtype
@@ -84,9 +85,20 @@ class ThinkerEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.max_model_len = self.llm.model_config.max_model_len
         self._streams: dict[str, asyncio.Queue] = {}
+        self._tapped: set[str] = set()  # streams that wait for rows
         self._receiver: asyncio.Task | None = None
+        self._stopping = False
+        self.num_receiver_failures = 0  # times the row receiver died and was restarted
+
+    @property
+    def failure(self) -> str | None:
+        """Why the thinker cannot serve (its EngineCore is dead), or None."""
+        if self.llm.errored and not self._stopping:
+            return "the thinker's EngineCore is dead"
+        return None
 
     def shutdown(self) -> None:
+        self._stopping = True
         if self._receiver is not None:
             self._receiver.cancel()
         self.llm.shutdown()
@@ -102,6 +114,8 @@ class ThinkerEngine:
         # Bounded by construction: at most one text and one rows item per engine step and position.
         queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.max_model_len + 4)
         self._streams[request.request_id] = queue  # claimed before the first await, so ids stay unique
+        if request.hidden_states:
+            self._tapped.add(request.request_id)
         producer: asyncio.Task | None = None
         done = False
         try:
@@ -120,6 +134,7 @@ class ThinkerEngine:
                 yield event
         finally:
             self._streams.pop(request.request_id, None)
+            self._tapped.discard(request.request_id)
             if producer is not None:
                 producer.cancel()
                 if not done:
@@ -147,16 +162,36 @@ class ThinkerEngine:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            queue.put_nowait(_Failed(_classify(error)))
+            _fail(queue, _classify(error))
 
     def _ensure_receiver(self) -> None:
         if self._receiver is None or self._receiver.done():
             self._receiver = asyncio.create_task(self._receive_rows())
+            self._receiver.add_done_callback(self._receiver_ended)
+
+    def _receiver_ended(self, task: asyncio.Task) -> None:
+        """However the receiver ended (an exception, a cancellation), the streams waiting for rows fail now rather
+        than wait forever; the next request that wants rows starts a new receiver."""
+        if self._stopping:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("the hidden-state receiver stopped (%r); failing %d streams", error, len(self._tapped))
+        self.num_receiver_failures += 1
+        for stream_id in list(self._tapped):
+            self._fail_stream(stream_id, "the thinker's hidden-state receiver failed")
+
+    def _fail_stream(self, stream_id: str, reason: str) -> None:
+        self._tapped.discard(stream_id)
+        queue = self._streams.pop(stream_id, None)
+        if queue is not None:
+            _fail(queue, EngineFailure(reason))
 
     async def _receive_rows(self) -> None:
         while True:
             frames = await self._socket.recv_multipart(copy=False)
-            spans, prompts = wire.decode([frame.buffer for frame in frames])  # views of the frames: no copy
+            spans, prompts, failed = wire.decode([frame.buffer for frame in frames])  # views of the frames: no copy
+            for stream_id in failed:
+                self._fail_stream(stream_id, "the thinker could not publish this request's hidden states")
             items = [(k, _Positions(p)) for k, p in prompts.items()]
             items += [(span.stream_id, HiddenStates(span.first_position, rows)) for span, rows in spans]
             for stream_id, item in items:
@@ -166,8 +201,15 @@ class ThinkerEngine:
                 try:
                     queue.put_nowait(item)
                 except asyncio.QueueFull:
-                    log.error("hidden-state queue of %s overflowed; closing it", stream_id)
-                    self._streams.pop(stream_id, None)
+                    log.error("hidden-state queue of %s overflowed; failing it", stream_id)
+                    self._fail_stream(stream_id, "the thinker's hidden-state queue overflowed")
+
+
+def _fail(queue: asyncio.Queue, error: BaseException) -> None:
+    """Ends the stream with `error` next, even when its queue is full: what is queued is no use any more."""
+    while queue.full():
+        queue.get_nowait()
+    queue.put_nowait(_Failed(error))
 
 
 async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[ThinkerEvent]:
@@ -214,6 +256,8 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
 def _classify(error: Exception) -> Exception:
     """vLLM's input checks (too long, media its processor rejects) become ThinkerInputError with the root cause's
     words; anything else (engine dead, internal failure) passes through unchanged."""
+    if isinstance(error, EngineDeadError):
+        return EngineFailure("the thinker's EngineCore died")
     if isinstance(error, EngineGenerateError) and isinstance(error.__cause__, ValueError):
         error = error.__cause__
     if not isinstance(error, ValueError | VLLMClientError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,38 @@ def _part(part: Part) -> dict[str, Any]:
     raise PromptError(f"unsupported content part {type(part).__name__}")
 
 
+class _ControlTokenTexts:
+    """Message text is text: a `<|im_end|>` a user writes must not become the control token. Texts that hold a
+    token string are rendered as markers, and the prompt then goes to vLLM as ids, those texts encoded with
+    `split_special_tokens`; any other prompt stays text, tokenised by vLLM exactly as before."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.texts = tokenizer, []
+        self.tokens = tuple(tokenizer.added_tokens_encoder)
+        self.marker = f"\x00omnitalk-text-{uuid.uuid4().hex}-"
+
+    def part(self, part: Part) -> dict[str, Any]:
+        if isinstance(part, Text) and any(token in part.text for token in self.tokens):
+            self.texts.append(part.text)
+            return {"type": "text", "text": f"{self.marker}{len(self.texts) - 1}\x00"}
+        return _part(part)
+
+    def prompt(self, rendered: str) -> dict[str, Any]:
+        if not self.texts:
+            return {"prompt": rendered}
+        encode = self.tokenizer.encode
+        pieces = rendered.split(self.marker)
+        ids = encode(pieces[0], add_special_tokens=False)
+        for piece in pieces[1:]:
+            index, _, rest = piece.partition("\x00")
+            ids += encode(self.texts[int(index)], add_special_tokens=False, split_special_tokens=True)
+            ids += encode(rest, add_special_tokens=False)
+        return {"prompt_token_ids": ids}
+
+
 def build_prompt(messages: tuple[Message, ...], tokenizer: Any, *, use_audio_in_video: bool) -> dict[str, Any]:
-    """A vLLM prompt dict; media lists follow the order in which the parts appear."""
+    """A vLLM prompt dict (text, or ids when message text holds control-token strings); media lists follow the
+    order in which the parts appear."""
     if not messages:
         raise PromptError("the conversation is empty")
     parts = [part for message in messages for part in message.content]
@@ -67,10 +98,11 @@ def build_prompt(messages: tuple[Message, ...], tokenizer: Any, *, use_audio_in_
         if not videos or any(v.audio is None for v in videos):
             raise PromptError("use_audio_in_video needs videos that carry their soundtrack")
         audios = [(v.audio, SAMPLE_RATE) for v in videos]
-    conversation = [{"role": m.role, "content": [_part(p) for p in m.content]} for m in messages]
+    texts = _ControlTokenTexts(tokenizer)
+    conversation = [{"role": m.role, "content": [texts.part(p) for p in m.content]} for m in messages]
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     media = {"audio": audios, "image": images, "video": [v.frames for v in videos]}
-    prompt: dict[str, Any] = {"prompt": text}
+    prompt: dict[str, Any] = texts.prompt(text)
     if any(media.values()):
         prompt["multi_modal_data"] = {kind: items for kind, items in media.items() if items}
         prompt["mm_processor_kwargs"] = {"use_audio_in_video": use_audio_in_video}

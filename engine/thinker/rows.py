@@ -34,6 +34,7 @@ class RowBatch(msgspec.Struct, array_like=True, frozen=True):
     hidden_size: int
     spans: list[RowSpan]
     prompts: list[PromptPositions] = []
+    failed: list[str] = []  # streams whose rows the worker could not publish: they fail, the engine lives on
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -48,13 +49,20 @@ def encode(
     return [_encoder.encode(header), memoryview(rows.view(torch.uint8).numpy()).cast("B")]
 
 
+def encode_failure(stream_ids: list[str]) -> list[bytes | memoryview]:
+    """A batch that only names streams whose rows are lost."""
+    return [_encoder.encode(RowBatch("float32", 0, [], [], stream_ids)), b""]
+
+
 def decode(
     frames: Sequence[bytes | memoryview],
-) -> tuple[list[tuple[RowSpan, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The rows of each span, and the positions [3, L] of each prompt announced in this step. Rows are views
-    of a writable frame (a received ZMQ frame's buffer: no copy, at 7B a prefill chunk's rows are tens of MB);
-    a read-only one is copied first."""
+) -> tuple[list[tuple[RowSpan, torch.Tensor]], dict[str, torch.Tensor], list[str]]:
+    """The rows of each span, the positions [3, L] of each prompt announced in this step, the failed streams.
+    Rows are views of a writable frame (a received ZMQ frame's buffer: no copy, at 7B a prefill chunk's rows
+    are tens of MB); a read-only one is copied first."""
     header = _decoder.decode(frames[0])
+    if not header.hidden_size:
+        return [], {}, header.failed
     dtype = getattr(torch, header.dtype)
     payload = memoryview(frames[1])
     if payload.readonly:
@@ -65,4 +73,4 @@ def decode(
         spans.append((span, rows[offset : offset + span.num_rows]))
         offset += span.num_rows
     prompts = {p.stream_id: torch.tensor(p.flat, dtype=torch.long).view(3, -1) for p in header.prompts}
-    return spans, prompts
+    return spans, prompts, header.failed

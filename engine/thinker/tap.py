@@ -50,16 +50,20 @@ class _Step:
 
 class Publisher:
     """Sends steps from a background thread, in order: `execute_model` only enqueues the device-to-host copy.
-    A step that cannot be sent is logged and dropped; the engine goes on (its streams end without rows)."""
+    A step that cannot be sent is logged and its streams are named as failed, so that they end with an error
+    instead of waiting for rows; the engine and every other request go on."""
 
     def __init__(self, address: str) -> None:
         self._address = address
-        self._steps: queue.SimpleQueue[_Step] = queue.SimpleQueue()
+        self._steps: queue.SimpleQueue[_Step | list[str]] = queue.SimpleQueue()  # a list: failed stream ids
         self._thread = threading.Thread(target=self._run, name="omnitalk-tap", daemon=True)
         self._thread.start()
 
     def submit(self, step: _Step) -> None:
         self._steps.put(step)
+
+    def fail(self, stream_ids: list[str]) -> None:
+        self._steps.put(stream_ids)
 
     def _run(self) -> None:
         socket = zmq.Context.instance().socket(zmq.PUSH)
@@ -67,12 +71,17 @@ class Publisher:
         while True:
             step = self._steps.get()
             try:
+                if isinstance(step, list):
+                    socket.send_multipart(wire.encode_failure(step))
+                    continue
                 if step.ready is not None:
                     step.ready.synchronize()  # releases the GIL while the copy finishes
                 prompts = [wire.PromptPositions(key, pos.flatten().tolist()) for key, pos in step.prompts]
                 socket.send_multipart(wire.encode(step.spans, step.rows, prompts), copy=False)
             except Exception:
-                log.exception("hidden-state tap: dropping a step of %d spans", len(step.spans))
+                log.exception("hidden-state tap: a step could not be sent; failing its streams")
+                if isinstance(step, _Step):
+                    self._steps.put([span.stream_id for span in step.spans])
 
 
 def to_host(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Event | None]:
@@ -101,9 +110,20 @@ class HiddenStateWorker(_platform_worker()):
         if self._should_publish():
             try:
                 self._publish()
-            except Exception:  # the tap must never take the EngineCore down with it
-                log.exception("hidden-state tap: dropping this step's rows")
+            except Exception:  # the tapped requests of this step fail; the EngineCore and everyone else go on
+                log.exception("publishing hidden states failed")
+                self._report_failure()
         return output
+
+    def _report_failure(self) -> None:
+        """Names this step's tapped streams as failed; never raises (it runs inside the EngineCore)."""
+        try:
+            runner = self.model_runner
+            requests = [runner.requests.get(r) for r in runner.input_batch.req_ids]
+            ids = [(r.sampling_params.extra_args or {}).get(wire.TAP_KEY) for r in requests if r is not None]
+            self._publisher.fail([i for i in ids if i is not None])
+        except Exception:
+            log.exception("reporting a hidden-state failure failed")
 
     def _should_publish(self) -> bool:
         if self._publishes is None:

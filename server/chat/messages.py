@@ -59,9 +59,9 @@ def convert(
     if request.wants_audio and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", (Text(SPEECH_SYSTEM_PROMPT),)))
     messages = tuple(messages)
-    prompt = build_prompt(messages, tokenizer, use_audio_in_video=options.use_audio_in_video)["prompt"]
+    prompt = build_prompt(messages, tokenizer, use_audio_in_video=options.use_audio_in_video)
     placeholders = set(tokenizer.convert_tokens_to_ids(list(_PLACEHOLDERS)))
-    ids = tokenizer.encode(prompt)
+    ids = prompt.get("prompt_token_ids") or tokenizer.encode(prompt["prompt"])
     clips = [part for m in messages for part in m.content if isinstance(part, Audio | media.Video)]
     samples = [c.samples if isinstance(c, Audio) else c.audio for c in clips]
     audio_tokens = sum(audio_token_count(len(s)) for s in samples if s is not None)
@@ -130,16 +130,19 @@ def _user_part(part: Any, options: p.OmnitalkOptions, max_audio_seconds: float) 
         case p.InputAudioPart(input_audio=audio):
             data = _data_url(audio.data, "audio/")[1] if audio.data.startswith("data:") else _base64(audio.data)
             rate = options.input_audio_sample_rate
-            samples = media.load_audio(data, format=audio.format, sample_rate=rate)
+            samples = media.load_audio(data, format=audio.format, sample_rate=rate, max_seconds=max_audio_seconds)
             return Audio(_short_enough(samples, max_audio_seconds, "input_audio"))
         case p.AudioURLPart(audio_url=url):
-            samples = media.load_audio(_data_url(url.url, "audio/", "audio_url.url")[1])
-            return Audio(_short_enough(samples, max_audio_seconds, "audio_url"))
+            data = _data_url(url.url, "audio/", "audio_url.url")[1]
+            return Audio(
+                _short_enough(media.load_audio(data, max_seconds=max_audio_seconds), max_audio_seconds, "audio_url")
+            )
         case p.ImagePart(image_url=url):
             return Image(media.load_image(_data_url(url.url, "image/", "image_url.url")[1]))
         case p.VideoPart(video_url=url):
             with_audio = options.use_audio_in_video
-            video = media.load_video(_data_url(url.url, "video/", "video_url.url")[1], with_audio=with_audio)
+            data = _data_url(url.url, "video/", "video_url.url")[1]
+            video = media.load_video(data, with_audio=with_audio, max_seconds=max_audio_seconds)
             if video.audio is not None:
                 _short_enough(video.audio, max_audio_seconds, "video_url")
             return video

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omnitalk.server.errors import APIError
+from omnitalk.server.limits import JSONError, load_json
 
 OUTPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
 # OpenAI takes wav and mp3; the rest are what engine/media.py decodes. pcm16 is raw s16le mono, 24 kHz by default.
 INPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "opus", "webm", "m4a", "mp4", "aac", "pcm16")
+
+
+MIN_PCM16_RATE, MAX_PCM16_RATE = 1_000, 384_000  # raw audio outside this range is not speech
 
 
 class _Model(BaseModel):
@@ -101,7 +104,7 @@ class OmnitalkOptions(_Model):
     """omnitalk's own options, sent as `"omnitalk": {...}` (the openai SDK: `extra_body={"omnitalk": {...}}`)."""
 
     use_audio_in_video: bool = False
-    input_audio_sample_rate: int = Field(24_000, gt=0)  # of pcm16 input audio
+    input_audio_sample_rate: int = Field(24_000, ge=MIN_PCM16_RATE, le=MAX_PCM16_RATE)  # of pcm16 input audio
 
 
 class ChatCompletionRequest(_Model):
@@ -141,6 +144,8 @@ class ChatCompletionRequest(_Model):
             raise APIError(message, param=param, code="unsupported_parameter")
         if "audio" in self.modalities and self.audio is None:
             raise APIError('"audio" is required when modalities includes "audio"', param="audio")
+        if self.stop is not None and "" in ([self.stop] if isinstance(self.stop, str) else self.stop):
+            raise APIError("stop: an empty string can never be matched; leave it out", param="stop")
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
         if self.stream and self.wants_audio and self.audio.format != "pcm16":
@@ -190,9 +195,9 @@ def _unsupported(r: ChatCompletionRequest) -> tuple[str, str] | None:
 def parse_request(body: bytes) -> ChatCompletionRequest:
     """The request in `body`, or an APIError saying in one line what is wrong with it."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise APIError(f"We could not parse the JSON body of your request: {error}", code="invalid_json") from error
+        data = load_json(body)
+    except JSONError as error:
+        raise APIError(str(error), code="invalid_json") from error
     if not isinstance(data, dict):
         raise APIError("the request body must be a JSON object", code="invalid_json")
     try:

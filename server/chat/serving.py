@@ -96,6 +96,8 @@ class ChatServing:
             raise
 
     def _engine(self) -> OmniEngine:
+        if self.state.failure is not None:
+            raise APIError(f"{self.state.failure}; this server is restarting", 503, "server_error")
         if self.state.engine is None:
             raise APIError("the model is still loading; retry once /ready answers 200", 503, "server_error")
         return self.state.engine

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omnitalk.server.limits import JSONError, load_json
 
 SAMPLE_RATE = 24_000  # the only rate of audio/pcm, in and out
 PCM = {"type": "audio/pcm", "rate": SAMPLE_RATE}
@@ -317,8 +318,8 @@ ClientEvent = (
 def parse(message: str | bytes) -> ClientEvent:
     """One client event from a frame's text; ClientError (with the event's event_id when it has one) if invalid."""
     try:
-        data = json.loads(message)
-    except (ValueError, RecursionError) as error:
+        data = load_json(message)
+    except JSONError as error:
         raise ClientError(f"the message is not valid JSON: {error}", code="invalid_json") from error
     if not isinstance(data, dict):
         raise ClientError("a client event must be a JSON object", code="invalid_json")

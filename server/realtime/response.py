@@ -150,7 +150,7 @@ class LiveResponse:
                             finished = event
             if finished is None:
                 raise RuntimeError("the engine's stream ended without Finished")
-        except (MediaError, ThinkerInputError, PromptError, ValueError) as error:
+        except (MediaError, ThinkerInputError, PromptError) as error:
             details = {"type": "invalid_request_error", "code": "invalid_prompt", "message": str(error)}
             self._finish("failed", {"type": "failed", "error": details}, None)
             return
@@ -187,8 +187,10 @@ class LiveResponse:
         self.item.parts[0].audio_ms += len(samples) * 1000 / SAMPLE_RATE
         pcm = audio.to_pcm16(samples)
         for start in range(0, len(pcm), 2 * DELTA_SAMPLES):
-            delta = base64.b64encode(pcm[start : start + 2 * DELTA_SAMPLES]).decode("ascii")
-            self.outbox.send(p.event("response.output_audio.delta", **self._ids(), delta=delta), self.id)
+            piece = pcm[start : start + 2 * DELTA_SAMPLES]
+            delta = base64.b64encode(piece).decode("ascii")
+            event = p.event("response.output_audio.delta", **self._ids(), delta=delta)
+            self.outbox.send(event, self.id, audio_s=len(piece) / 2 / SAMPLE_RATE)
 
     def _finish(self, status: str, details: dict | None, finished: Finished | None, notify: bool = True) -> None:
         """Gives the stream slot back and sends the closing events, once, however the response ended."""

@@ -31,11 +31,10 @@ async def realtime(ws: WebSocket) -> None:
     state: ServerState = ws.app.state.omnitalk
     # Browsers pass their key as a subprotocol next to "realtime"; accept the latter if offered.
     await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None)
-    if state.engine is None:
-        loading = ClientError(
-            "the model is still loading; retry once /ready answers 200", "model_not_ready", type="server_error"
-        )
-        await ws.send_text(json.dumps(p.error_event(loading)))
+    if state.engine is None or state.failure is not None:
+        why = f"{state.failure}; this server is restarting" if state.failure else "the model is still loading"
+        refusal = ClientError(f"{why}; retry once /ready answers 200", "model_not_ready", type="server_error")
+        await ws.send_text(json.dumps(p.error_event(refusal)))
         await ws.close(CLOSE_TRY_LATER)
         return
     await Connection(ws, state).serve()
@@ -49,7 +48,7 @@ class Connection:
         voices = state.engine.voices
         config = SessionConfig(model=state.model_name, voice="Chelsie" if "Chelsie" in voices else voices[0])
         self.session = RealtimeSession(p.new_id("sess"), config)
-        self.outbox = Outbox(ws, self.settings.send_queue_size, state.metrics)
+        self.outbox = Outbox(ws, state.metrics, self.settings.max_queued_bytes, self.settings.max_client_lag_s)
 
     async def serve(self) -> None:
         writer = self.outbox.start()
@@ -77,8 +76,10 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
-            if text is None:
-                text = (message.get("bytes") or b"").decode("utf-8", errors="replace")
+            if text is None:  # OpenAI's Realtime speaks JSON text frames only; audio travels base64 inside them
+                binary = ClientError("binary frames are not supported: send client events as JSON text", "invalid_json")
+                self.outbox.send(p.error_event(binary))
+                continue
             await self._handle(text)
 
     async def _handle(self, text: str) -> None:

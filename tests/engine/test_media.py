@@ -187,7 +187,7 @@ def test_stereo_is_the_mean_of_its_channels(raw: bool) -> None:
         (soundfile_bytes(ONE_SECOND_44K, 44_100, "WAV"), {"format": "flac"}, "no samples .is it really flac"),
         (soundfile_bytes(ONE_SECOND_44K, 44_100, "WAV")[:44], {}, "no samples"),
         (soundfile_bytes(ONE_SECOND_44K, 44_100, "WAV")[:20], {}, "could not be decoded"),
-        (png_bytes(Image.new("RGB", (8, 8))), {}, "no audio stream"),
+        (png_bytes(Image.new("RGB", (8, 8))), {}, "could not be decoded .is it a whole audio file"),
     ],
     ids=[
         "empty",
@@ -363,3 +363,51 @@ def test_damaged_files_raise_only_media_error(loader, make) -> None:
             damaged[position] = rng.integers(256)
         with contextlib.suppress(MediaError):
             loader(bytes(damaged))
+
+
+# --- hostile input ---
+
+
+def test_concat_lists_never_open_files(tmp_path, monkeypatch) -> None:
+    """An ffconcat list naming a real file is refused before any demuxer reads it (no local file read)."""
+    (tmp_path / "secret.wav").write_bytes(soundfile_bytes(ONE_SECOND_44K, 44_100, "WAV"))
+    monkeypatch.chdir(tmp_path)
+    listing = b"ffconcat version 1.0\nfile 'secret.wav'\n"
+    missing = b"ffconcat version 1.0\nfile 'missing.wav'\n"
+    errors = []
+    for data in (listing, missing):
+        with pytest.raises(MediaError, match="could not be decoded") as caught:
+            load_audio(data)
+        errors.append(str(caught.value))
+        with pytest.raises(MediaError, match="could not be decoded"):
+            load_video(data)
+    assert errors[0] == errors[1]  # nothing tells whether a path exists
+
+
+def test_hls_playlists_are_refused() -> None:
+    playlist = b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n"
+    with pytest.raises(MediaError, match="could not be decoded"):
+        load_audio(playlist)
+
+
+def test_raw_audio_duration_is_checked_before_resampling() -> None:
+    """20 kB of pcm16 at 1 Hz would be 10,000 s once resampled: refused from its length alone."""
+    with pytest.raises(MediaError, match=r"lasts 10000\.0 s"):
+        load_audio(b"\x00\x01" * 10_000, format="pcm16", sample_rate=1, max_seconds=600)
+
+
+def test_container_audio_longer_than_the_limit_is_refused() -> None:
+    with pytest.raises(MediaError, match=r"lasts 1\.0 s; this server takes at most 0\.5 s"):
+        load_audio(soundfile_bytes(ONE_SECOND_44K, 44_100, "WAV"), max_seconds=0.5)
+
+
+def test_video_longer_than_the_limit_is_refused() -> None:
+    with pytest.raises(MediaError, match="this server takes at most 1 s"):
+        load_video(video_bytes(30), max_seconds=1)
+
+
+def test_images_beyond_the_pixel_budget_are_downscaled_on_the_28_grid() -> None:
+    image = load_image(png_bytes(Image.new("RGB", (600, 300))), max_pixels=28 * 28 * 50)
+    assert image.size == (280, 140)
+    assert image.width * image.height <= 28 * 28 * 50
+    assert load_image(png_bytes(Image.new("RGB", (60, 30))), max_pixels=28 * 28 * 50).size == (60, 30)

@@ -20,7 +20,8 @@ def test_wire_round_trip_keeps_spans_and_exact_values(dtype):
     frames = [
         bytes(frame) for frame in wire.encode(spans, rows, [wire.PromptPositions("a", positions.flatten().tolist())])
     ]
-    decoded, prompts = wire.decode(frames)
+    decoded, prompts, failed = wire.decode(frames)
+    assert failed == []
     assert [span for span, _ in decoded] == spans
     assert torch.equal(torch.cat([r for _, r in decoded]), rows)
     assert decoded[0][1].dtype == dtype

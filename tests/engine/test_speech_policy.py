@@ -91,7 +91,7 @@ def test_speech_settings_choose_code2wav_windows_and_solver():
     assert streaming_config(SpeechConfig()) == StreamingConfig(first_future_mel=24)  # Qwen's windows, RK4
     for bad in ({"first_chunk_codes": 36}, {"ode_solver": "midpoint"}):
         with pytest.raises(ValueError):
-            streaming_config(SpeechConfig(**bad))
+            SpeechConfig(**bad)
 
 
 def test_once_the_talker_has_waited_the_bound_it_steps_before_more_code2wav():

@@ -392,5 +392,7 @@ async def test_engine_failure_mid_stream_is_an_error_frame(server, monkeypatch):
     *chunks, error, done = sse_events(response.text)
     assert response.status_code == 200 and done == "[DONE]"
     assert chunks[-1]["choices"][0]["delta"] == {"content": "Hi"}
-    assert error == {"error": {"message": "internal server error", "type": "server_error", "param": None, "code": None}}
+    assert error["error"]["type"] == "server_error" and error["error"]["code"] is None
+    assert error["error"]["message"].startswith("internal server error (reference error_")
+    assert "broke" not in error["error"]["message"]  # internal words stay in the log
     assert state.limiter.active == 0

@@ -425,8 +425,8 @@ async def test_a_client_that_leaves_cancels_its_response(server):
 
 async def test_a_client_too_slow_for_its_queue_is_disconnected(server):
     url, state = server
-    size = state.settings.send_queue_size
-    state.settings.send_queue_size = 2  # response.create alone queues four events before the writer runs
+    size = state.settings.max_queued_bytes
+    state.settings.max_queued_bytes = 5_000  # above any event but an audio delta (100 ms: 6.4 kB of base64)
     try:
         async with raw(url) as (ws, events):
             await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 64}}))
@@ -434,7 +434,7 @@ async def test_a_client_too_slow_for_its_queue_is_disconnected(server):
                 await events.until("response.done")
             assert closed.value.rcvd.code == 1008
     finally:
-        state.settings.send_queue_size = size
+        state.settings.max_queued_bytes = size
     for _ in range(200):
         if state.limiter.active == 0 and state.engine.speech.num_streams == 0:
             break
@@ -468,14 +468,42 @@ class _StuckSocket:
         await asyncio.Event().wait()  # a client that never reads
 
 
-async def test_a_slow_client_is_disconnected_instead_of_stalling():
+async def test_a_client_behind_real_time_is_disconnected_instead_of_stalling():
     metrics = Metrics()
-    outbox = Outbox(_StuckSocket(), 4, metrics)  # type: ignore[arg-type]
+    outbox = Outbox(_StuckSocket(), metrics, max_bytes=10**9, max_lag_s=0.05)  # type: ignore[arg-type]
     writer = outbox.start()
-    for i in range(10):
-        outbox.send({"type": "response.output_audio.delta", "n": i})  # never blocks
-        await asyncio.sleep(0)
-    assert outbox.overflowed
+    for i in range(10_000):  # a bound, not a timing: the stuck client falls behind as time passes
+        outbox.send({"type": "response.output_audio.delta", "n": i}, "resp_1", audio_s=0.1)  # never blocks
+        if outbox.overflowed:
+            break
+        await asyncio.sleep(0.001)
+    assert outbox.overflowed and metrics.slow_clients._value.get() == 1
     with pytest.raises(asyncio.CancelledError):
         await writer
-    assert metrics.queue_depth._value.get() == 0
+    assert metrics.queue_depth._value.get() == 0 and metrics.queued_bytes._value.get() == 0
+
+
+class _PlayingSocket:
+    """A client that takes audio a little faster than real time (a player filling its buffer), the engine far ahead."""
+
+    async def send_text(self, text: str) -> None:
+        await asyncio.sleep(0.005 if "delta" in text else 0)
+
+
+async def test_a_client_at_real_time_is_kept_while_the_engine_runs_ahead():
+    metrics = Metrics()
+    outbox = Outbox(_PlayingSocket(), metrics, max_bytes=10**9, max_lag_s=0.5)  # type: ignore[arg-type]
+    outbox.start()
+    for i in range(100):  # 100 deltas of 10 ms queued at once: 1 s of audio, far ahead of real time
+        outbox.send({"type": "response.output_audio.delta", "n": i}, "resp_1", audio_s=0.01)
+    while not outbox.queue.empty():
+        await asyncio.sleep(0.01)
+    assert not outbox.overflowed
+
+
+async def test_the_outbox_is_bounded_in_bytes():
+    outbox = Outbox(_StuckSocket(), Metrics(), max_bytes=1_000, max_lag_s=60)  # type: ignore[arg-type]
+    outbox.start()
+    for i in range(100):
+        outbox.send({"type": "response.output_text.delta", "delta": "x" * 50, "n": i})
+    assert outbox.overflowed and outbox.queued_bytes <= 1_000
