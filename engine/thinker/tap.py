@@ -81,7 +81,14 @@ class Publisher:
             except Exception:
                 log.exception("hidden-state tap: a step could not be sent; failing its streams")
                 if isinstance(step, _Step):
-                    self._steps.put([span.stream_id for span in step.spans])
+                    self._send_failure(socket, [span.stream_id for span in step.spans])
+
+    @staticmethod
+    def _send_failure(socket: zmq.Socket, stream_ids: list[str]) -> None:
+        try:
+            socket.send_multipart(wire.encode_failure(stream_ids))
+        except Exception:
+            log.exception("hidden-state tap: could not report failed streams %s", stream_ids)
 
 
 def to_host(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Event | None]:

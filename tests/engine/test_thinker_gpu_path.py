@@ -114,7 +114,7 @@ class _Broken:
         raise RuntimeError("copy failed")
 
 
-def test_a_step_that_fails_to_publish_is_dropped_and_the_next_arrives():
+def test_a_step_that_fails_to_publish_fails_its_streams_and_the_next_arrives():
     address = f"ipc://{tempfile.gettempdir()}/omnitalk-test-{uuid.uuid4().hex[:8]}"
     socket = zmq.Context.instance().socket(zmq.PULL)
     socket.bind(address)
@@ -126,8 +126,9 @@ def test_a_step_that_fails_to_publish_is_dropped_and_the_next_arrives():
         span = [wire.RowSpan("s", 0, 3)]
         publisher.submit(_Step(span, rows, _Broken(), []))
         publisher.submit(_Step(span, rows, None, [("s", torch.arange(9).view(3, 3))]))
-        spans, prompts = wire.decode(socket.recv_multipart())
-        assert spans[0][0] == span[0] and torch.equal(spans[0][1], rows)
+        assert wire.decode(socket.recv_multipart()) == ([], {}, ["s"])  # the broken step's stream fails
+        spans, prompts, failed = wire.decode(socket.recv_multipart())
+        assert not failed and spans[0][0] == span[0] and torch.equal(spans[0][1], rows)
         assert torch.equal(prompts["s"], torch.arange(9).view(3, 3))
     finally:
         socket.close(linger=0)
