@@ -220,7 +220,7 @@ def _classify(error: Exception) -> Exception:
 def _sampling_params(request: ThinkerRequest):
     from vllm import SamplingParams
     from vllm.platforms import current_platform
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     s: Sampling = request.sampling
     extra = {wire.TAP_KEY: request.request_id} if request.hidden_states else None
@@ -228,6 +228,9 @@ def _sampling_params(request: ThinkerRequest):
     # chunks (it rewinds the request's generator: "CPU Generator does not use offset"), so on CPU the
     # thinker ignores seeds; the talker and Code2Wav still honour them.
     seed = None if current_platform.is_cpu() else s.seed
+    structured = None
+    if s.json_schema is not None:  # no free whitespace between tokens: a random model could pad forever
+        structured = StructuredOutputsParams(json=s.json_schema, disable_any_whitespace=True)
     return SamplingParams(
         max_tokens=s.max_tokens,
         temperature=s.temperature,
@@ -238,4 +241,5 @@ def _sampling_params(request: ThinkerRequest):
         stop=list(s.stop),
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra,
+        structured_outputs=structured,
     )

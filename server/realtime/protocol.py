@@ -41,6 +41,8 @@ SERVER_EVENTS = frozenset(
         "response.output_audio_transcript.done",
         "response.output_audio.delta",
         "response.output_audio.done",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
     }
 )
 
@@ -160,6 +162,21 @@ class SessionAudio(_Model):
 Modalities = Annotated[list[Literal["text", "audio"]], Field(min_length=1)]
 
 
+class FunctionTool(_Model):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class NamedFunction(_Model):
+    type: Literal["function"]
+    name: str
+
+
+ToolChoiceParam = Literal["auto", "none", "required"] | NamedFunction
+
+
 def _max_tokens(value: int | str) -> int | str:
     if value != "inf" and not (isinstance(value, int) and value >= 1):
         raise ValueError('max_output_tokens is a positive integer or "inf"')
@@ -179,9 +196,9 @@ class Session(_Model):
     audio: SessionAudio | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # the beta's; GA dropped it
     model: str | None = None  # fixed by the server
-    # Accepted and echoed, without effect: no function calling, tracing, prompts or reasoning here.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    # Accepted and echoed, without effect: no tracing, prompts or reasoning here.
     tracing: Any = None
     truncation: Any = None
     prompt: Any = None
@@ -209,10 +226,10 @@ class Item(_Model):
     status: Any = None
     role: Literal["user", "assistant", "system"] | None = None
     content: list[ContentPart] | None = None
-    call_id: Any = None
-    name: Any = None
-    arguments: Any = None
-    output: Any = None
+    call_id: str | None = Field(None, max_length=64)
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
 
 
 class ResponseAudioOutput(_Model):
@@ -233,8 +250,8 @@ class ResponseParams(_Model):
     metadata: dict[str, str] | None = None
     max_output_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoiceParam | None = None
     prompt: Any = None
     parallel_tool_calls: Any = None
     reasoning: Any = None
@@ -342,7 +359,7 @@ def parse(message: str | bytes) -> ClientEvent:
         raise
 
 
-_UNION_TAGS = ("server_vad", "semantic_vad", "int", "str")
+_UNION_TAGS = ("server_vad", "semantic_vad", "int", "str", "literal['auto','none','required']", "NamedFunction")
 _CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}
 
 

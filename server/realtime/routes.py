@@ -119,18 +119,19 @@ class Connection:
             case p.ItemTruncate():
                 await self._truncate(event)
             case p.ItemDelete():
+                self.session.conversation.find(event.item_id, action="delete")
                 await self._stop_writing(event.item_id)
                 self.session.conversation.remove(event.item_id)
                 self.outbox.send(p.event("conversation.item.deleted", item_id=event.item_id))
             case p.ItemRetrieve():
-                item = self.session.conversation.find(event.item_id)
+                item = self.session.conversation.find(event.item_id, action="retrieve")
                 self.outbox.send(p.event("conversation.item.retrieved", item=item.to_json()))
             case p.ResponseCreate():
                 await self._create_response(event.response)
             case p.ResponseCancel():
                 live = self.session.response
                 if live is None or event.response_id not in (None, live.id):
-                    raise ClientError("there is no active response to cancel", "response_cancel_not_active")
+                    raise ClientError("Cancellation failed: no active response found", "response_cancel_not_active")
                 await live.cancel("client_cancelled")
 
     def _update_session(self, update: p.Session) -> None:
@@ -215,7 +216,7 @@ class Connection:
         """Keeps the part of an assistant's audio the client played, and as much of its transcript: the transcript
         is cut in proportion (audio_end_ms / the audio's length, in characters), text and speech not being
         aligned word by word."""
-        item = self.session.conversation.find(event.item_id)
+        item = self.session.conversation.find(event.item_id, action="truncate")
         part = item.parts[event.content_index] if event.content_index < len(item.parts) else None
         if item.role != "assistant" or part is None or part.type != "output_audio":
             raise ClientError("only an assistant's audio content can be truncated", param="content_index")
@@ -248,7 +249,7 @@ class Connection:
                 f"response {self.session.response.id} is still in progress; cancel it or wait",
                 "conversation_already_has_active_response",
             )
-        spec = await plan(self.session, params, self.state.engine.voices, self.settings.max_audio_seconds)
+        spec = await plan(self.session, params, self.state.engine, self.settings.max_audio_seconds)
         response = LiveResponse(spec, self.session, self.state, self.outbox)
         try:
             response.start()

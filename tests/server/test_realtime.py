@@ -339,8 +339,11 @@ async def test_bad_input_is_an_error_event_and_the_session_lives_on(server):
         assert error["code"] == "input_audio_buffer_commit_empty"
         error = await refused({"type": "response.cancel"})
         assert error["code"] == "response_cancel_not_active"
+        assert error["message"] == "Cancellation failed: no active response found"  # livekit ignores only this
         error = await refused({"type": "conversation.item.delete", "item_id": "item_nope"})
-        assert error["code"] == "item_not_found"
+        assert error["code"] == "item_delete_invalid_item_id"
+        error = await refused({"type": "conversation.item.retrieve", "item_id": "item_nope"})
+        assert error["code"] == "item_retrieve_invalid_item_id"  # pipecat's receive loop survives only this code
 
         limit = state.settings.max_message_bytes
         state.settings.max_message_bytes = 64 * 1024  # our own limit, below uvicorn's frame limit
