@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,3 +50,22 @@ def answer_budget(requested: int | None, default: int, prompt_tokens: int, max_m
             "Please reduce the length of the messages or completion."
         )
     return requested
+
+
+def first_kept(num_items: int, size: Callable[[int], int], limit: int, retention: float) -> int:
+    """Truncation as OpenAI's Realtime defines it: the index of the oldest item kept so that the prompt (the
+    instructions, then items[start:], whose length is `size(start)`) fits in `limit` tokens. 0 while everything
+    fits; once it does not, the newest items that fill at most `retention` of the room left by the instructions
+    (1.0: all of it; less leaves room for the next turns, so that truncation happens less often)."""
+    if size(0) <= limit:
+        return 0
+    instructions = size(num_items)
+    target = instructions + retention * max(0, limit - instructions)
+    low, high = 1, num_items  # size falls as start grows; find the first start that fits
+    while low < high:
+        middle = (low + high) // 2
+        if size(middle) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low

@@ -22,6 +22,8 @@ class ServerSettings(BaseSettings):
     max_audio_seconds: float = 600.0  # longest input audio (or video soundtrack) accepted
     send_queue_size: int = 256  # per-connection outgoing events; a client slower than this is dropped
     speech_device: str = "cpu"
+    realtime_max_session_s: float = 3600.0  # a Realtime session's longest life (OpenAI's: 60 minutes)
+    realtime_context_tokens: int | None = None  # a Realtime response's prompt and answer at most; None: the context
 
     @property
     def ws_max_size(self) -> int:

@@ -29,6 +29,9 @@ SERVER_EVENTS = frozenset(
         "conversation.item.truncated",
         "conversation.item.deleted",
         "conversation.item.retrieved",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed",
+        "conversation.item.input_audio_transcription.failed",
         "response.created",
         "response.done",
         "response.output_item.added",
@@ -138,7 +141,7 @@ TurnDetection = Annotated[ServerVad | SemanticVad, Field(discriminator="type")]
 class AudioInput(_Model):
     format: AudioFormat | None = None
     turn_detection: TurnDetection | None = None
-    transcription: Any = None  # not served: no transcription events are sent
+    transcription: Any = None  # any value but null: committed audio is transcribed by the served thinker
     noise_reduction: Any = None  # not served
 
 
@@ -177,6 +180,14 @@ class NamedFunction(_Model):
 ToolChoiceParam = Literal["auto", "none", "required"] | NamedFunction
 
 
+class RetentionRatio(_Model):
+    type: Literal["retention_ratio"]
+    retention_ratio: float = Field(ge=0.0, le=1.0)
+
+
+TruncationParam = Literal["auto", "disabled"] | RetentionRatio
+
+
 def _max_tokens(value: int | str) -> int | str:
     if value != "inf" and not (isinstance(value, int) and value >= 1):
         raise ValueError('max_output_tokens is a positive integer or "inf"')
@@ -199,8 +210,8 @@ class Session(_Model):
     tools: list[FunctionTool] | None = None
     tool_choice: ToolChoiceParam | None = None
     # Accepted and echoed, without effect: no tracing, prompts or reasoning here.
+    truncation: TruncationParam | None = None
     tracing: Any = None
-    truncation: Any = None
     prompt: Any = None
     include: Any = None
     parallel_tool_calls: Any = None

@@ -18,7 +18,7 @@ from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerInputError
 from omnitalk.engine.thinker.prompt import PromptError, audio_token_count
 from omnitalk.server import audio
-from omnitalk.server.context import BudgetError, answer_budget, prompt_size
+from omnitalk.server.context import BudgetError, answer_budget, first_kept, prompt_size
 from omnitalk.server.metrics import ResponseTimer
 from omnitalk.server.realtime import protocol as p
 from omnitalk.server.realtime.outbox import Outbox
@@ -64,7 +64,11 @@ class ResponseSpec:
 
 
 async def plan(
-    session: RealtimeSession, params: p.ResponseParams | None, engine: OmniEngine, max_seconds: float
+    session: RealtimeSession,
+    params: p.ResponseParams | None,
+    engine: OmniEngine,
+    max_seconds: float,
+    context_tokens: int | None = None,
 ) -> ResponseSpec:
     """What a response.create asks for, checked against the session and the context window (decodes media of
     inline input items)."""
@@ -85,21 +89,34 @@ async def plan(
     tool_choice = tools_given.get("tool_choice", config.tool_choice)
     tools = tool_set(tools_given.get("tools", config.tools), tool_choice, "response.tool_choice")
     instructions = config.instructions if params.instructions is None else params.instructions
-    messages = [Message("system", (Text(instructions),))] if instructions else []
-    messages = with_tools(tuple(messages + conversation_messages(context)), tools)
+    system = [Message("system", (Text(instructions),))] if instructions else []
     max_output_tokens = params.max_output_tokens or config.max_output_tokens
-    try:
-        prompt = (await asyncio.to_thread(prompt_size, messages, engine.thinker.tokenizer)).known_tokens
-    except PromptError:
-        prompt = 0  # the response fails with the reason, as it would without the check
     requested = None if max_output_tokens == "inf" else int(max_output_tokens)
+    window = min(engine.thinker.max_model_len, context_tokens or engine.thinker.max_model_len)
+    sizes: dict[int, int] = {}
+
+    def size(start: int) -> int:  # the prompt's length without context[:start]
+        if start not in sizes:
+            messages = with_tools(tuple(system + conversation_messages(context[start:])), tools)
+            try:
+                sizes[start] = prompt_size(messages, engine.thinker.tokenizer).known_tokens
+            except PromptError:
+                sizes[start] = 0  # the response fails with the reason, as it would without the check
+        return sizes[start]
+
+    kept = 0
+    if config.retention is not None:  # drop the oldest items while the prompt and the budget overflow the window
+        limit = window - (requested or min(INF_TOKENS, window // 2))  # "inf" keeps half the window at most
+        kept = await asyncio.to_thread(first_kept, len(context), size, limit, config.retention)
+    prompt = await asyncio.to_thread(size, kept)
+    messages = with_tools(tuple(system + conversation_messages(context[kept:])), tools)
     try:
-        max_tokens = answer_budget(requested, INF_TOKENS, prompt, engine.thinker.max_model_len)
+        max_tokens = answer_budget(requested, INF_TOKENS, prompt, window)
     except BudgetError as error:
         param = "response.max_output_tokens" if params.max_output_tokens else "session.max_output_tokens"
         raise ClientError(str(error), "context_length_exceeded", param) from error
     return ResponseSpec(
-        context=context,
+        context=context[kept:],
         instructions=instructions,
         audio="audio" in modalities,
         modalities=modalities,

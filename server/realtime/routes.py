@@ -14,6 +14,7 @@ from omnitalk.server.realtime.outbox import Outbox
 from omnitalk.server.realtime.protocol import ClientError
 from omnitalk.server.realtime.response import LiveResponse, plan
 from omnitalk.server.realtime.session import RealtimeSession, SessionConfig, build_item, user_audio_item
+from omnitalk.server.realtime.transcription import transcribe
 from omnitalk.server.realtime.vad import SpeechStarted, SpeechStopped
 from omnitalk.server.state import Busy, ServerState
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 MIN_COMMIT_MS = 100  # as OpenAI: a shorter buffer is "empty"
+CLOSE_NORMAL = 1000
 CLOSE_TOO_SLOW = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
@@ -50,26 +52,43 @@ class Connection:
         config = SessionConfig(model=state.model_name, voice="Chelsie" if "Chelsie" in voices else voices[0])
         self.session = RealtimeSession(p.new_id("sess"), config)
         self.outbox = Outbox(ws, self.settings.send_queue_size, state.metrics)
+        self.transcriptions: set[asyncio.Task] = set()
 
     async def serve(self) -> None:
         writer = self.outbox.start()
         self.outbox.send(p.event("session.created", session=self.session.config.to_json(self.session.id)))
         reader = asyncio.create_task(self._receive())
+        expired = False
         try:
-            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            lifetime = self.settings.realtime_max_session_s
+            done, _ = await asyncio.wait({reader, writer}, timeout=lifetime, return_when=asyncio.FIRST_COMPLETED)
+            expired = not done
         finally:
             for task in (reader, writer):  # the reader first: it must not start anything new
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
             if self.session.response is not None:  # the client is gone: stop every stage of its response
                 await self.session.response.cancel(None)
+            for task in self.transcriptions:
+                task.cancel()
+            await asyncio.gather(*self.transcriptions, return_exceptions=True)
         code = CLOSE_TOO_SLOW if self.outbox.overflowed else None
+        if expired:
+            await self._expire()
+            code = CLOSE_NORMAL
         if not reader.cancelled() and reader.exception() is not None:
             log.error("realtime: the receive loop failed", exc_info=reader.exception())
             code = CLOSE_INTERNAL
         if code is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(code), timeout=5)
+
+    async def _expire(self) -> None:
+        """OpenAI's end of a session that reached its maximum duration: an error, then the close."""
+        minutes = self.settings.realtime_max_session_s / 60
+        expired = ClientError(f"Your session hit the maximum duration of {minutes:g} minutes.", "session_expired")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.send_text(json.dumps(p.error_event(expired))), timeout=5)
 
     async def _receive(self) -> None:
         while True:
@@ -201,6 +220,10 @@ class Connection:
         previous = self.session.conversation.last_id
         self.outbox.send(p.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous))
         self._add_item(item, None)
+        if self.session.config.transcription is not None:
+            task = asyncio.create_task(transcribe(self.state.engine, item, self.outbox))
+            self.transcriptions.add(task)
+            task.add_done_callback(self.transcriptions.discard)
 
     def _end_turn(self) -> None:
         if self.session.vad is not None:
@@ -249,7 +272,10 @@ class Connection:
                 f"response {self.session.response.id} is still in progress; cancel it or wait",
                 "conversation_already_has_active_response",
             )
-        spec = await plan(self.session, params, self.state.engine, self.settings.max_audio_seconds)
+        settings = self.settings
+        spec = await plan(
+            self.session, params, self.state.engine, settings.max_audio_seconds, settings.realtime_context_tokens
+        )
         response = LiveResponse(spec, self.session, self.state, self.outbox)
         try:
             response.start()

@@ -21,7 +21,7 @@ from omnitalk.server.tools import Function, ToolChoice, Tools, call_text, respon
 if TYPE_CHECKING:
     from omnitalk.server.realtime.response import LiveResponse
 
-_EXTRAS = ("tracing", "truncation", "prompt", "include", "parallel_tool_calls", "reasoning")
+_EXTRAS = ("tracing", "prompt", "include", "parallel_tool_calls", "reasoning")
 
 
 def tool_set(tools: list[dict[str, Any]], choice: str | dict[str, Any], param: str) -> Tools:
@@ -65,6 +65,7 @@ class SessionConfig:
     noise_reduction: Any = None
     tools: list[dict[str, Any]] = field(default_factory=list)  # as given (FunctionTool's JSON)
     tool_choice: str | dict[str, Any] = "auto"
+    truncation: str | dict[str, Any] = "auto"  # as given: "auto", "disabled" or a retention_ratio object
     extras: dict[str, Any] = field(default_factory=lambda: {"tracing": None})
 
     def updated(self, update: p.Session, voices: list[str]) -> SessionConfig:
@@ -73,6 +74,9 @@ class SessionConfig:
         changes = {k: getattr(update, k) for k in _SIMPLE_FIELDS if k in given and getattr(update, k) is not None}
         extras = {**self.extras, **{k: getattr(update, k) for k in given if k in _EXTRAS}}
         changes |= tools_json(update.tools, update.tool_choice)
+        if update.truncation is not None:
+            truncation = update.truncation
+            changes["truncation"] = truncation if isinstance(truncation, str) else truncation.model_dump()
         tool_set(changes.get("tools", self.tools), changes.get("tool_choice", self.tool_choice), "session.tool_choice")
         audio = update.audio
         if audio is not None and audio.input is not None:
@@ -81,6 +85,13 @@ class SessionConfig:
             resolve_voice(audio.output.voice, voices, "session.audio.output.voice")
             changes["voice"] = audio.output.voice
         return dataclasses.replace(self, **changes, extras=extras)
+
+    @property
+    def retention(self) -> float | None:
+        """What truncation keeps of the room after the instructions: 1.0 for "auto", None when it is disabled."""
+        if isinstance(self.truncation, dict):
+            return self.truncation["retention_ratio"]
+        return None if self.truncation == "disabled" else 1.0
 
     def vad(self, position_24k: int) -> TurnDetector | None:
         """A fresh detector for the current turn detection, starting at the given point of the input timeline."""
@@ -112,6 +123,7 @@ class SessionConfig:
             },
             "tools": self.tools,
             "tool_choice": self.tool_choice,
+            "truncation": self.truncation,
             **self.extras,
         }
 

@@ -153,3 +153,16 @@ def test_realtime_calls_join_their_answer_and_outputs_join_each_other():
         Message("assistant", (Text(f"Checking.\n{calls}\n{calls}"),)),
         Message("user", (Text(response_text(["t1", "t2"])),)),
     ]
+
+
+def test_truncation_keeps_the_newest_items_that_fit():
+    from omnitalk.server.context import first_kept
+
+    def size(start: int) -> int:  # 10 tokens of instructions, then 10 items of 5 tokens
+        return 10 + 5 * (10 - start)
+
+    assert first_kept(10, size, 60, 1.0) == 0  # everything fits: nothing is dropped
+    assert first_kept(10, size, 59, 1.0) == 1  # the oldest item goes
+    assert first_kept(10, size, 30, 1.0) == 6  # 4 items fill the 20 tokens left by the instructions
+    assert first_kept(10, size, 30, 0.5) == 8  # retention 0.5: only 10 of them
+    assert first_kept(10, size, 5, 1.0) == 10  # not even the instructions fit: every item goes
