@@ -166,3 +166,24 @@ def test_truncation_keeps_the_newest_items_that_fit():
     assert first_kept(10, size, 30, 1.0) == 6  # 4 items fill the 20 tokens left by the instructions
     assert first_kept(10, size, 30, 0.5) == 8  # retention 0.5: only 10 of them
     assert first_kept(10, size, 5, 1.0) == 10  # not even the instructions fit: every item goes
+
+
+def test_chat_requests_name_their_tool_mistakes_as_openai_does():
+    from omnitalk.server.chat.protocol import parse_request
+    from omnitalk.server.errors import APIError
+
+    def parse(**body) -> object:
+        return parse_request(json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}).encode())
+
+    tool = {"type": "function", "function": {"name": "get_time"}}
+    with pytest.raises(APIError, match="only allowed when 'tools' are specified") as caught:
+        parse(tool_choice="auto")
+    assert caught.value.param == "tool_choice"
+    with pytest.raises(APIError, match="no function named 'other'"):
+        parse(tools=[tool], tool_choice={"type": "function", "function": {"name": "other"}})
+    with pytest.raises(APIError, match="unique"):
+        parse(tools=[tool, tool])
+    request = parse(tools=[tool], tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert request.tool_set == Tools((TIME,), ToolChoice("function", "get_time"))
+    assert parse(tools=[tool], parallel_tool_calls=False).tool_set == Tools((TIME,), parallel=False)
+    assert not parse().tool_set.active
