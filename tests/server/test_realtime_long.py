@@ -4,7 +4,7 @@ outgrows the context window, and a session ends at its maximum duration as OpenA
 from __future__ import annotations
 
 import websockets
-from test_realtime import MANUAL, realtime
+from realtime_client import MANUAL, realtime
 
 WINDOW = 400  # tokens per response (prompt + answer): small, so that a few turns fill it
 TEXT = {**MANUAL, "output_modalities": ["text"], "instructions": "Answer in one word."}

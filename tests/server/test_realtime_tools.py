@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
-from test_realtime import MANUAL, of, realtime
+from realtime_client import MANUAL, of, realtime
 
 WEATHER = {
     "type": "function",

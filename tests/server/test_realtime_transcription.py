@@ -3,7 +3,7 @@ beside the response, and its transcript is kept on the item."""
 
 from __future__ import annotations
 
-from test_realtime import MANUAL, of, realtime, send_audio, speech
+from realtime_client import MANUAL, of, realtime, send_audio, speech
 
 
 async def test_committed_audio_is_transcribed_beside_the_response(server):
