@@ -28,6 +28,8 @@ class Speech:
 
     voice: str = "Chelsie"
     sampling: TalkerSampling = field(default_factory=TalkerSampling)
+    # The talker says the text before the first of these tokens only (a tool call is written, never spoken).
+    until: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,23 +178,65 @@ class OmniEngine:
     async def _feed_speech(self, request: ThinkerRequest, speech: Speech, sink) -> None:
         """Thinker events to the speech thread (rows, tokens) and to the client (text), as they come."""
         key = request.request_id
+        gate = _SpeechGate(speech.until)
         try:
             async for event in self.thinker.generate(request):
                 match event:
                     case ThinkerStart(prompt_ids, positions):
+                        gate.prompt_len = len(prompt_ids)
                         self.speech.open(key, prompt_ids, positions, speech.voice, speech.sampling, sink)
-                    case HiddenStates(first_position, rows):
-                        self.speech.add_rows(key, first_position, rows)
+                    case HiddenStates():
+                        gate.pending.append(event)
                     case ThinkerText(token_ids, text):
-                        self.speech.add_tokens(key, token_ids)
+                        if spoken := gate.tokens(token_ids):
+                            self.speech.add_tokens(key, spoken)
                         sink(TextDelta(text, token_ids))
-                    case ThinkerDone():
-                        self.speech.thinker_done(key)
-                        sink(event)
+                for rows in gate.rows():
+                    self.speech.add_rows(key, rows.first_position, rows.rows)
+                if isinstance(event, ThinkerDone):
+                    self.speech.thinker_done(key)
+                    sink(event)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             sink(_FeedFailed(error))
+
+
+@dataclass(slots=True)
+class _SpeechGate:
+    """What the talker may read: tokens up to the first `until` token, which it takes as its end of text, and the
+    rows of the tokens before it. A row is passed on only once its token's text is known: rows travel on another
+    socket and can overtake it, and a row past the end would make the talker speak the stop token."""
+
+    until: frozenset[int]
+    prompt_len: int = 0
+    num_tokens: int = 0  # tokens passed on
+    stopped: bool = False
+    pending: list[HiddenStates] = field(default_factory=list)
+
+    def tokens(self, token_ids: list[int]) -> list[int]:
+        if self.stopped:
+            return []
+        for i, token in enumerate(token_ids):
+            if token in self.until:
+                self.stopped = True
+                token_ids = token_ids[: i + 1]
+                break
+        self.num_tokens += len(token_ids)
+        return token_ids
+
+    def rows(self) -> list[HiddenStates]:
+        """The pending rows of positions the talker may read now; later ones stay pending (or are never read)."""
+        limit = self.prompt_len + self.num_tokens - self.stopped
+        ready, later = [], []
+        for event in self.pending:
+            n = max(0, min(len(event.rows), limit - event.first_position))
+            if n:
+                ready.append(HiddenStates(event.first_position, event.rows[:n]))
+            if n < len(event.rows):
+                later.append(HiddenStates(event.first_position + n, event.rows[n:]))
+        self.pending = later if not self.stopped else []
+        return ready
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    json_schema: str | None = None  # the output is JSON valid against this schema (vLLM's structured outputs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,10 @@ class ServerSettings(BaseSettings):
     """Realtime audio queued for a client beyond this many seconds: it is dropped as too slow"""
     max_queued_bytes: int = 32 * 1024 * 1024
     """outgoing bytes queued per Realtime connection, at most"""
+    realtime_max_session_s: float = 3600.0
+    """a Realtime session's longest life, in seconds (OpenAI's: 60 minutes)"""
+    realtime_context_tokens: int | None = None
+    """a Realtime response's prompt and answer together, at most (older items are truncated); none: the context"""
 
     # The speech stage.
     speech_device: str = "auto"

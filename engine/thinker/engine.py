@@ -29,6 +29,7 @@ WORKER_CLS = "omnitalk.engine.thinker.tap.HiddenStateWorker"
 
 def engine_args(config: ThinkerConfig, rows_address: str):
     """vLLM's AsyncEngineArgs for `config`; the tap's worker class and its socket address ride along."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.platforms import current_platform
 
@@ -49,6 +50,8 @@ def engine_args(config: ThinkerConfig, rows_address: str):
         distributed_executor_backend=config.distributed_executor_backend,
         seed=config.seed,
         worker_cls=WORKER_CLS,
+        # Compact JSON for forced tool calls: with free whitespace a random or weak model can pad forever.
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         additional_config={wire.ADDRESS_KEY: rows_address},
     )
 
@@ -271,7 +274,7 @@ def _classify(error: Exception) -> Exception:
 def _sampling_params(request: ThinkerRequest):
     from vllm import SamplingParams
     from vllm.platforms import current_platform
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     s: Sampling = request.sampling
     extra = {wire.TAP_KEY: request.request_id} if request.hidden_states else None
@@ -279,6 +282,9 @@ def _sampling_params(request: ThinkerRequest):
     # chunks (it rewinds the request's generator: "CPU Generator does not use offset"), so on CPU the
     # thinker ignores seeds; the talker and Code2Wav still honour them.
     seed = None if current_platform.is_cpu() else s.seed
+    structured = None
+    if s.json_schema is not None:  # no free whitespace between tokens: a random model could pad forever
+        structured = StructuredOutputsParams(json=s.json_schema)
     return SamplingParams(
         max_tokens=s.max_tokens,
         temperature=s.temperature,
@@ -289,4 +295,5 @@ def _sampling_params(request: ThinkerRequest):
         stop=list(s.stop),
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra,
+        structured_outputs=structured,
     )

@@ -15,11 +15,11 @@ import numpy as np
 
 from omnitalk.engine import media
 from omnitalk.engine.request import Audio, Image, Message, Part, Text
-from omnitalk.engine.thinker.prompt import SPEECH_SYSTEM_PROMPT, audio_token_count, build_prompt
+from omnitalk.engine.thinker.prompt import SPEECH_SYSTEM_PROMPT
+from omnitalk.server import tools
 from omnitalk.server.chat import protocol as p
+from omnitalk.server.context import prompt_size
 from omnitalk.server.errors import APIError
-
-_PLACEHOLDERS = ("<|AUDIO|>", "<|IMAGE|>", "<|VIDEO|>")  # each expands to its media's tokens in the thinker
 
 
 class TranscriptCache:
@@ -55,17 +55,23 @@ def convert(
 ) -> Conversation:
     """The engine's conversation for `request` (decodes media: run it in a worker thread)."""
     options = request.omnitalk
-    messages = [_message(i, m, options, transcripts, max_audio_seconds) for i, m in enumerate(request.messages)]
+    messages: list[Message] = []
+    results: list[str] = []  # consecutive tool messages: one user turn
+    for i, m in enumerate(request.messages):
+        if isinstance(m, p.ToolMessage):
+            results.append(_text(m.content))
+            continue
+        if results:
+            messages.append(Message("user", (Text(tools.response_text(results)),)))
+            results = []
+        messages.append(_message(i, m, options, transcripts, max_audio_seconds))
+    if results:
+        messages.append(Message("user", (Text(tools.response_text(results)),)))
     if request.wants_audio and not any(m.role == "system" for m in messages):
         messages.insert(0, Message("system", (Text(SPEECH_SYSTEM_PROMPT),)))
-    messages = tuple(messages)
-    prompt = build_prompt(messages, tokenizer, use_audio_in_video=options.use_audio_in_video)
-    placeholders = set(tokenizer.convert_tokens_to_ids(list(_PLACEHOLDERS)))
-    ids = prompt.get("prompt_token_ids") or tokenizer.encode(prompt["prompt"])
-    clips = [part for m in messages for part in m.content if isinstance(part, Audio | media.Video)]
-    samples = [c.samples if isinstance(c, Audio) else c.audio for c in clips]
-    audio_tokens = sum(audio_token_count(len(s)) for s in samples if s is not None)
-    return Conversation(messages, sum(1 for i in ids if i not in placeholders), audio_tokens)
+    messages = tools.with_tools(tuple(messages), request.tool_set)
+    size = prompt_size(messages, tokenizer, options.use_audio_in_video)
+    return Conversation(messages, size.text_tokens, size.audio_tokens)
 
 
 def prompt_details(conversation: Conversation, prompt_tokens: int) -> dict[str, int]:
@@ -81,7 +87,8 @@ def _message(
     if isinstance(message, p.SystemMessage):
         return Message("system", (Text(_text(message.content)),))
     if isinstance(message, p.AssistantMessage):
-        return Message("assistant", (Text(_assistant_text(i, message, transcripts)),))
+        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or ()]
+        return Message("assistant", (Text(tools.assistant_text(_assistant_text(i, message, transcripts), calls)),))
     if isinstance(message.content, str):
         return Message("user", (Text(message.content),))
     parts = []

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from omnitalk.server.errors import APIError
 from omnitalk.server.limits import JSONError, load_json
+from omnitalk.server.tools import Function, ToolChoice, Tools
 
 OUTPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")
 # OpenAI takes wav and mp3; the rest are what engine/media.py decodes. pcm16 is raw s16le mono, 24 kHz by default.
@@ -81,14 +82,52 @@ class AudioRef(_Model):
     id: str
 
 
+class CalledFunction(_Model):
+    name: str
+    arguments: str  # a JSON text, as the model wrote it
+
+
+class ToolCallRef(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(_Model):
     role: Literal["assistant"]
     content: str | list[AssistantPart] | None = None
     audio: AudioRef | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallRef] | None = None
 
 
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+class ToolMessage(_Model):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionDef(_Model):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # calls always match the schema when they are forced; "auto" ones are parsed
+
+
+class ToolDef(_Model):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class AudioOutput(_Model):
@@ -123,11 +162,12 @@ class ChatCompletionRequest(_Model):
     seed: int | None = None
     stop: str | list[str] | None = None
     omnitalk: OmnitalkOptions = Field(default_factory=OmnitalkOptions)
-    # Accepted only at their default values.
     n: int | None = 1
-    tools: list[Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Accepted only at their default values.
     functions: list[Any] | None = None
-    tool_choice: Any = None
     function_call: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -142,6 +182,7 @@ class ChatCompletionRequest(_Model):
         if refuse:
             param, message = refuse
             raise APIError(message, param=param, code="unsupported_parameter")
+        _check_tools(self)
         if "audio" in self.modalities and self.audio is None:
             raise APIError('"audio" is required when modalities includes "audio"', param="audio")
         if self.stop is not None and "" in ([self.stop] if isinstance(self.stop, str) else self.stop):
@@ -165,14 +206,38 @@ class ChatCompletionRequest(_Model):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def tool_set(self) -> Tools:
+        functions = tuple(Function(f.name, f.description, f.parameters) for f in (t.function for t in self.tools or ()))
+        choice = self.tool_choice or "auto"
+        named = isinstance(choice, NamedToolChoice)
+        mode = ToolChoice("function", choice.function.name) if named else ToolChoice(choice)
+        return Tools(functions, mode, self.parallel_tool_calls is not False)
+
+
+def _check_tools(r: ChatCompletionRequest) -> None:
+    if r.tool_choice is not None and not r.tools:
+        raise APIError(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            param="tool_choice",
+        )
+    names = [t.function.name for t in r.tools or ()]
+    if len(set(names)) < len(names):
+        raise APIError("tools: function names must be unique", param="tools")
+    if isinstance(r.tool_choice, NamedToolChoice) and r.tool_choice.function.name not in names:
+        raise APIError(
+            f"Invalid value for 'tool_choice': no function named {r.tool_choice.function.name!r} "
+            "was specified in the 'tools' parameter.",
+            param="tool_choice",
+        )
+
 
 def _unsupported(r: ChatCompletionRequest) -> tuple[str, str] | None:
     """The first option set to a value omnitalk cannot honour, as (param, message)."""
     checks = [
         ("n", r.n not in (None, 1), "n > 1 is not supported: one choice per request"),
-        ("tools", bool(r.tools) or bool(r.functions), "tools and functions are not supported"),
-        ("tool_choice", r.tool_choice not in (None, "none"), "tool_choice is not supported (no tools)"),
-        ("function_call", r.function_call not in (None, "none"), "function_call is not supported (no tools)"),
+        ("functions", bool(r.functions), "functions is deprecated and not supported: use tools"),
+        ("function_call", r.function_call not in (None, "none"), "function_call is not supported: use tool_choice"),
         ("logprobs", bool(r.logprobs) or r.top_logprobs is not None, "logprobs are not supported"),
         (
             "response_format",
@@ -186,9 +251,6 @@ def _unsupported(r: ChatCompletionRequest) -> tuple[str, str] | None:
     for param, refused, message in checks:
         if refused:
             return param, message
-    for i, m in enumerate(r.messages):
-        if isinstance(m, AssistantMessage) and m.tool_calls:
-            return f"messages.[{i}].tool_calls", "tool calls are not supported"
     return None
 
 

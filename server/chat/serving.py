@@ -20,12 +20,26 @@ from omnitalk.server.chat import protocol
 from omnitalk.server.chat.messages import Conversation, TranscriptCache, convert, prompt_details
 from omnitalk.server.chat.protocol import ChatCompletionRequest
 from omnitalk.server.chat.sse import Stream
+from omnitalk.server.context import BudgetError, answer_budget
 from omnitalk.server.errors import APIError
 from omnitalk.server.metrics import ResponseTimer
 from omnitalk.server.speech import resolve_voice, talker_max_codes
 from omnitalk.server.state import ServerState
+from omnitalk.server.tool_calls import CallParser, ToolCall
+from omnitalk.server.tools import call_tokens
 
 AUDIO_TTL_S = 3600  # how long an answer's audio id stays usable in a later request (its transcript is kept)
+
+
+def _call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _finish_reason(r: ChatCompletionRequest, thinker: str, called: bool) -> str:
+    """OpenAI's: "tool_calls" when the model chose to call, "stop" when a named function was forced on it."""
+    if not called or thinker == "length":
+        return thinker
+    return "stop" if r.tool_set.choice.mode == "function" else "tool_calls"
 
 
 def _voice(voice: str | dict, voices: list[str]) -> str:
@@ -105,8 +119,15 @@ class ChatServing:
     def _omni_request(
         self, request_id: str, r: ChatCompletionRequest, conversation: Conversation, voice: str | None
     ) -> OmniRequest:
-        defaults = Sampling()
-        max_tokens = r.max_completion_tokens or r.max_tokens or defaults.max_tokens
+        requested = r.max_completion_tokens or r.max_tokens
+        prompt_tokens = conversation.num_text_tokens + conversation.num_audio_tokens
+        context = self._engine().thinker.max_model_len
+        try:
+            max_tokens = answer_budget(requested, Sampling().max_tokens, prompt_tokens, context)
+        except BudgetError as error:
+            param = "max_completion_tokens" if r.max_completion_tokens else "max_tokens"
+            raise APIError(str(error), param=param, code="context_length_exceeded") from error
+        tool_set = r.tool_set
         sampling = Sampling(
             max_tokens=max_tokens,
             temperature=1.0 if r.temperature is None else r.temperature,  # OpenAI's default, not Qwen's
@@ -115,10 +136,12 @@ class ChatServing:
             repetition_penalty=r.repetition_penalty or 1.0,
             seed=r.seed,
             stop=(r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ()),
+            json_schema=tool_set.json_schema(),
         )
         speech = None
-        if voice is not None:
-            speech = Speech(voice, TalkerSampling(seed=r.seed, max_tokens=talker_max_codes(max_tokens)))
+        if voice is not None and not tool_set.forced:  # a forced answer is a call: nothing to say
+            until = call_tokens(self._engine().thinker.tokenizer) if tool_set.active else frozenset()
+            speech = Speech(voice, TalkerSampling(seed=r.seed, max_tokens=talker_max_codes(max_tokens)), until)
         return OmniRequest(
             request_id,
             conversation.messages,
@@ -132,23 +155,28 @@ class ChatServing:
     ) -> dict[str, Any]:
         text: list[str] = []
         chunks: list[np.ndarray] = []
+        parser = CallParser(r.tool_set)
         status = "cancelled"
         try:
             while not isinstance(event, Finished):
                 if isinstance(event, TextDelta):
-                    text.append(event.text)
+                    text.append(parser.feed(event.text)[0])
                 else:
                     chunks.append(event.samples)
                 event = run.observe(await anext(run.events))
+            text.append(parser.finish()[0])
             status = "ok"
         except Exception:
             status = "error"
             raise
         finally:
             await run.close(status, event if isinstance(event, Finished) else None)
-        transcript = "".join(text)
+        transcript = "".join(text).strip() if parser.calls else "".join(text)
         message: dict[str, Any] = {"role": "assistant", "content": transcript, "refusal": None, "audio": None}
-        if r.wants_audio:
+        if parser.calls:
+            message["content"] = transcript or None
+            message["tool_calls"] = [_call_json(call) for call in parser.calls]
+        if r.wants_audio and (chunks or not parser.calls):
             samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
             data = await asyncio.to_thread(audio.encode, samples, r.audio.format)
             audio_id, expires_at = self._remember(transcript)
@@ -159,9 +187,10 @@ class ChatServing:
                 "expires_at": expires_at,
                 "transcript": transcript,
             }
+        reason = _finish_reason(r, event.finish_reason, bool(parser.calls))
         return {
             **self._head(run, "chat.completion"),
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": event.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
             "usage": self._usage(conversation, event),
         }
 
@@ -171,10 +200,21 @@ class ChatServing:
         head = self._head(run, "chat.completion.chunk")
         extra = {"usage": None} if r.include_usage else {}
         audio_id = f"audio_{uuid.uuid4().hex}" if r.wants_audio else None
+        parser = CallParser(r.tool_set)
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {**head, "choices": [choice], **extra}
+
+        def deltas(words: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
+            if parser.calls and not words.strip():
+                words = ""  # the whitespace between calls is no answer
+            out = [chunk({"audio": {"id": audio_id, "transcript": words}} if audio_id else {"content": words})]
+            for call in calls:  # OpenAI's two steps: the call's id and name, then its arguments
+                first = {"index": call.index, "id": call.id, "type": "function"}
+                out.append(chunk({"tool_calls": [{**first, "function": {"name": call.name, "arguments": ""}}]}))
+                out.append(chunk({"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}))
+            return out[0 if words else 1 :]
 
         status = "cancelled"
         text: list[str] = []
@@ -182,13 +222,18 @@ class ChatServing:
             yield chunk({"role": "assistant", "content": None if audio_id else "", "refusal": None})
             while not isinstance(event, Finished):
                 if isinstance(event, TextDelta) and event.text:
-                    text.append(event.text)
-                    words = {"audio": {"id": audio_id, "transcript": event.text}} if audio_id else None
-                    yield chunk(words or {"content": event.text})
+                    words, calls = parser.feed(event.text)
+                    text.append(words)
+                    for item in deltas(words, calls):
+                        yield item
                 elif isinstance(event, AudioDelta):
                     yield chunk({"audio": {"id": audio_id, "data": audio.pcm16_base64(event.samples)}})
                 event = run.observe(await anext(run.events))
-            yield chunk({}, event.finish_reason)
+            words, calls = parser.finish()
+            text.append(words)
+            for item in deltas(words, calls):
+                yield item
+            yield chunk({}, _finish_reason(r, event.finish_reason, bool(parser.calls)))
             if audio_id:  # OpenAI's closing audio update: the expiry alone, no finish_reason
                 yield chunk({"audio": {"expires_at": self._remember("".join(text), audio_id)[1]}})
             if r.include_usage:

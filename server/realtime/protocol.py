@@ -30,6 +30,9 @@ SERVER_EVENTS = frozenset(
         "conversation.item.truncated",
         "conversation.item.deleted",
         "conversation.item.retrieved",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed",
+        "conversation.item.input_audio_transcription.failed",
         "response.created",
         "response.done",
         "response.output_item.added",
@@ -42,6 +45,8 @@ SERVER_EVENTS = frozenset(
         "response.output_audio_transcript.done",
         "response.output_audio.delta",
         "response.output_audio.done",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
     }
 )
 
@@ -137,7 +142,7 @@ TurnDetection = Annotated[ServerVad | SemanticVad, Field(discriminator="type")]
 class AudioInput(_Model):
     format: AudioFormat | None = None
     turn_detection: TurnDetection | None = None
-    transcription: Any = None  # not served: no transcription events are sent
+    transcription: Any = None  # any value but null: committed audio is transcribed by the served thinker
     noise_reduction: Any = None  # not served
 
 
@@ -161,6 +166,29 @@ class SessionAudio(_Model):
 Modalities = Annotated[list[Literal["text", "audio"]], Field(min_length=1)]
 
 
+class FunctionTool(_Model):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class NamedFunction(_Model):
+    type: Literal["function"]
+    name: str
+
+
+ToolChoiceParam = Literal["auto", "none", "required"] | NamedFunction
+
+
+class RetentionRatio(_Model):
+    type: Literal["retention_ratio"]
+    retention_ratio: float = Field(ge=0.0, le=1.0)
+
+
+TruncationParam = Literal["auto", "disabled"] | RetentionRatio
+
+
 def _max_tokens(value: int | str) -> int | str:
     if value != "inf" and not (isinstance(value, int) and value >= 1):
         raise ValueError('max_output_tokens is a positive integer or "inf"')
@@ -180,11 +208,11 @@ class Session(_Model):
     audio: SessionAudio | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # the beta's; GA dropped it
     model: str | None = None  # fixed by the server
-    # Accepted and echoed, without effect: no function calling, tracing, prompts or reasoning here.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    # Accepted and echoed, without effect: no tracing, prompts or reasoning here.
+    truncation: TruncationParam | None = None
     tracing: Any = None
-    truncation: Any = None
     prompt: Any = None
     include: Any = None
     parallel_tool_calls: Any = None
@@ -210,10 +238,10 @@ class Item(_Model):
     status: Any = None
     role: Literal["user", "assistant", "system"] | None = None
     content: list[ContentPart] | None = None
-    call_id: Any = None
-    name: Any = None
-    arguments: Any = None
-    output: Any = None
+    call_id: str | None = Field(None, max_length=64)
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
 
 
 class ResponseAudioOutput(_Model):
@@ -234,8 +262,8 @@ class ResponseParams(_Model):
     metadata: dict[str, str] | None = None
     max_output_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoiceParam | None = None
     prompt: Any = None
     parallel_tool_calls: Any = None
     reasoning: Any = None
@@ -343,7 +371,7 @@ def parse(message: str | bytes) -> ClientEvent:
         raise
 
 
-_UNION_TAGS = ("server_vad", "semantic_vad", "int", "str")
+_UNION_TAGS = ("server_vad", "semantic_vad", "int", "str", "literal['auto','none','required']", "NamedFunction")
 _CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}
 
 

@@ -12,19 +12,31 @@ from typing import Any
 import numpy as np
 
 from omnitalk.engine.media import MediaError
-from omnitalk.engine.omni import AudioDelta, Finished, OmniRequest, Speech, TextDelta
+from omnitalk.engine.omni import AudioDelta, Finished, OmniEngine, OmniRequest, Speech, TextDelta
 from omnitalk.engine.request import Message, Sampling, Text
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerInputError
 from omnitalk.engine.thinker.prompt import PromptError, audio_token_count
 from omnitalk.server import audio
+from omnitalk.server.context import BudgetError, answer_budget, first_kept, prompt_size
 from omnitalk.server.metrics import ResponseTimer
 from omnitalk.server.realtime import protocol as p
 from omnitalk.server.realtime.outbox import Outbox
 from omnitalk.server.realtime.protocol import SAMPLE_RATE, ClientError
-from omnitalk.server.realtime.session import Item, ItemPart, RealtimeSession, build_item, resolve_voice
+from omnitalk.server.realtime.session import (
+    Item,
+    ItemPart,
+    RealtimeSession,
+    build_item,
+    conversation_messages,
+    resolve_voice,
+    tool_set,
+    tools_json,
+)
 from omnitalk.server.speech import talker_max_codes
 from omnitalk.server.state import ServerState
+from omnitalk.server.tool_calls import CallParser, ToolCall
+from omnitalk.server.tools import Tools, call_tokens, with_tools
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +58,23 @@ class ResponseSpec:
     temperature: float
     conversation: str  # "auto": the answer joins the conversation; "none": it does not
     metadata: dict[str, str] | None
+    tools: Tools
+    messages: tuple[Message, ...]  # what the thinker reads: instructions, tools and the context
+    max_tokens: int  # the thinker's budget: max_output_tokens, or for "inf" what the context leaves
 
 
 async def plan(
-    session: RealtimeSession, params: p.ResponseParams | None, voices: list[str], max_seconds: float
+    session: RealtimeSession,
+    params: p.ResponseParams | None,
+    engine: OmniEngine,
+    max_seconds: float,
+    context_tokens: int | None = None,
 ) -> ResponseSpec:
-    """What a response.create asks for, checked against the session (decodes media of inline input items)."""
+    """What a response.create asks for, checked against the session and the context window (decodes media of
+    inline input items)."""
     params = params or p.ResponseParams()
     config = session.config
+    voices = engine.voices
     if params.conversation not in ("auto", "none"):
         raise ClientError('conversation is "auto" or "none"', param="response.conversation")
     output = params.audio.output if params.audio else None
@@ -64,17 +85,50 @@ async def plan(
     else:  # a context of its own for this response: items, or references to the conversation's
         context = tuple([await _input_item(session, item, max_seconds, i) for i, item in enumerate(params.input)])
     modalities = params.output_modalities or config.output_modalities
+    tools_given = tools_json(params.tools, params.tool_choice)
+    tool_choice = tools_given.get("tool_choice", config.tool_choice)
+    tools = tool_set(tools_given.get("tools", config.tools), tool_choice, "response.tool_choice")
+    instructions = config.instructions if params.instructions is None else params.instructions
+    system = [Message("system", (Text(instructions),))] if instructions else []
+    max_output_tokens = params.max_output_tokens or config.max_output_tokens
+    requested = None if max_output_tokens == "inf" else int(max_output_tokens)
+    window = min(engine.thinker.max_model_len, context_tokens or engine.thinker.max_model_len)
+    sizes: dict[int, int] = {}
+
+    def size(start: int) -> int:  # the prompt's length without context[:start]
+        if start not in sizes:
+            messages = with_tools(tuple(system + conversation_messages(context[start:])), tools)
+            try:
+                sizes[start] = prompt_size(messages, engine.thinker.tokenizer).known_tokens
+            except PromptError:
+                sizes[start] = 0  # the response fails with the reason, as it would without the check
+        return sizes[start]
+
+    kept = 0
+    if config.retention is not None:  # drop the oldest items while the prompt and the budget overflow the window
+        limit = window - (requested or min(INF_TOKENS, window // 2))  # "inf" keeps half the window at most
+        kept = await asyncio.to_thread(first_kept, len(context), size, limit, config.retention)
+    prompt = await asyncio.to_thread(size, kept)
+    messages = with_tools(tuple(system + conversation_messages(context[kept:])), tools)
+    try:
+        max_tokens = answer_budget(requested, INF_TOKENS, prompt, window)
+    except BudgetError as error:
+        param = "response.max_output_tokens" if params.max_output_tokens else "session.max_output_tokens"
+        raise ClientError(str(error), "context_length_exceeded", param) from error
     return ResponseSpec(
-        context=context,
-        instructions=config.instructions if params.instructions is None else params.instructions,
+        context=context[kept:],
+        instructions=instructions,
         audio="audio" in modalities,
         modalities=modalities,
         voice=voice,
         voice_name=voice_name,
-        max_output_tokens=params.max_output_tokens or config.max_output_tokens,
+        max_output_tokens=max_output_tokens,
         temperature=config.temperature if params.temperature is None else params.temperature,
         conversation=params.conversation,
         metadata=params.metadata,
+        tools=tools,
+        messages=messages,
+        max_tokens=max_tokens,
     )
 
 
@@ -100,26 +154,35 @@ class LiveResponse:
     task: asyncio.Task | None = None
     timer: ResponseTimer | None = None
     previous_item_id: str | None = None
+    calls: list[Item] = field(default_factory=list)  # function_call items, after the message (if any)
+    parser: CallParser | None = None
     num_text_tokens: int = 0
     finished: bool = False
+
+    @property
+    def speaks(self) -> bool:
+        """The answer has a message item; a forced call is the whole answer, with none."""
+        return not self.spec.tools.forced
 
     def start(self) -> None:
         """Takes a stream slot (Busy if none is free), sends the opening events and starts generating."""
         self.state.limiter.acquire()
         self.state.metrics.live_streams.inc()
         self.timer = ResponseTimer(self.state.metrics)
+        self.parser = CallParser(self.spec.tools)
         self.session.response = self
-        part = ItemPart("output_audio", "") if self.spec.audio else ItemPart("output_text", "")
         self.outbox.send(p.event("response.created", response=self._json("in_progress")))
-        self.outbox.send(
-            p.event("response.output_item.added", response_id=self.id, output_index=0, item=self._item_json())
-        )
-        if self.spec.conversation == "auto":
-            self.previous_item_id = self.session.conversation.insert(self.item)
-            added = {"previous_item_id": self.previous_item_id, "item": self._item_json()}
-            self.outbox.send(p.event("conversation.item.added", **added))
-        self.item.parts.append(part)
-        self.outbox.send(p.event("response.content_part.added", **self._ids(), part=self._part_json()))
+        if self.speaks:
+            part = ItemPart("output_audio", "") if self.spec.audio else ItemPart("output_text", "")
+            self.outbox.send(
+                p.event("response.output_item.added", response_id=self.id, output_index=0, item=self._item_json())
+            )
+            if self.spec.conversation == "auto":
+                self.previous_item_id = self.session.conversation.insert(self.item)
+                added = {"previous_item_id": self.previous_item_id, "item": self._item_json()}
+                self.outbox.send(p.event("conversation.item.added", **added))
+            self.item.parts.append(part)
+            self.outbox.send(p.event("response.content_part.added", **self._ids(), part=self._part_json()))
         self.task = asyncio.create_task(self._run())
 
     async def cancel(self, reason: str | None) -> None:
@@ -150,7 +213,8 @@ class LiveResponse:
                             finished = event
             if finished is None:
                 raise RuntimeError("the engine's stream ended without Finished")
-        except (MediaError, ThinkerInputError, PromptError) as error:
+            self._words(*self.parser.finish())
+        except (MediaError, ThinkerInputError, PromptError, BudgetError) as error:
             details = {"type": "invalid_request_error", "code": "invalid_prompt", "message": str(error)}
             self._finish("failed", {"type": "failed", "error": details}, None)
             return
@@ -166,21 +230,49 @@ class LiveResponse:
 
     def _request(self) -> OmniRequest:
         spec = self.spec
-        messages = [Message("system", (Text(spec.instructions),))] if spec.instructions else []
-        messages += [m for item in spec.context if (m := item.message()) is not None]
-        max_tokens = INF_TOKENS if spec.max_output_tokens == "inf" else int(spec.max_output_tokens)
-        sampling = Sampling(max_tokens=max_tokens, temperature=spec.temperature)
-        speech = Speech(spec.voice, TalkerSampling(max_tokens=talker_max_codes(max_tokens))) if spec.audio else None
-        return OmniRequest(self.id, tuple(messages), sampling, speech)
+        sampling = Sampling(
+            max_tokens=spec.max_tokens, temperature=spec.temperature, json_schema=spec.tools.json_schema()
+        )
+        speech = None
+        if spec.audio and not spec.tools.forced:  # a forced answer is a call: nothing to say
+            until = call_tokens(self.state.engine.thinker.tokenizer) if spec.tools.active else frozenset()
+            speech = Speech(spec.voice, TalkerSampling(max_tokens=talker_max_codes(spec.max_tokens)), until)
+        return OmniRequest(self.id, spec.messages, sampling, speech)
 
     def _text(self, delta: TextDelta) -> None:
-        part = self.item.parts[0]
-        part.text += delta.text
         self.num_text_tokens += len(delta.token_ids)
         if delta.text:
             self.timer.text()
+            self._words(*self.parser.feed(delta.text))
+
+    def _words(self, text: str, calls: list[ToolCall]) -> None:
+        if text and self.speaks and not (self.calls and not text.strip()):  # whitespace between calls: no words
+            self.item.parts[0].text += text
             kind = "response.output_audio_transcript.delta" if self.spec.audio else "response.output_text.delta"
-            self.outbox.send(p.event(kind, **self._ids(), delta=delta.text), self.id)
+            self.outbox.send(p.event(kind, **self._ids(), delta=text), self.id)
+        for call in calls:
+            self._call(call)
+
+    def _call(self, call: ToolCall) -> None:
+        """A function_call output item, whole: pipecat and livekit want it added before its arguments, and done
+        with them."""
+        item = Item(p.new_id("item"), "assistant", [], "in_progress", "function_call", call.id, call.name)
+        index = len(self.calls) + self.speaks
+        self.calls.append(item)
+        at = {"response_id": self.id, "output_index": index}
+        self.outbox.send(p.event("response.output_item.added", **at, item=item.to_json()))
+        previous = None
+        if self.spec.conversation == "auto":
+            previous = self.session.conversation.insert(item)
+            self.outbox.send(p.event("conversation.item.added", previous_item_id=previous, item=item.to_json()))
+        ids = {**at, "item_id": item.id, "call_id": call.id}
+        self.outbox.send(p.event("response.function_call_arguments.delta", **ids, delta=call.arguments))
+        item.arguments, item.status = call.arguments, "completed"
+        done = {**ids, "name": call.name, "arguments": call.arguments}
+        self.outbox.send(p.event("response.function_call_arguments.done", **done))
+        self.outbox.send(p.event("response.output_item.done", **at, item=item.to_json()))
+        if self.spec.conversation == "auto":
+            self.outbox.send(p.event("conversation.item.done", previous_item_id=previous, item=item.to_json()))
 
     def _audio(self, samples: np.ndarray) -> None:
         self.timer.audio(len(samples))
@@ -205,8 +297,12 @@ class LiveResponse:
         if self.session.response is self:
             self.session.response = None
         self.item.status = "completed" if status == "completed" else "incomplete"
-        if not notify:
-            return
+        if notify and self.speaks:
+            self._close_message()
+        if notify:
+            self.outbox.send(p.event("response.done", response=self._json(status, details, self._usage(finished))))
+
+    def _close_message(self) -> None:
         part = self.item.parts[0]
         if self.spec.audio:
             self.outbox.send(p.event("response.output_audio.done", **self._ids()))
@@ -220,14 +316,14 @@ class LiveResponse:
         if self.spec.conversation == "auto":
             done = {"previous_item_id": self.previous_item_id, "item": self._item_json()}
             self.outbox.send(p.event("conversation.item.done", **done))
-        self.outbox.send(p.event("response.done", response=self._json(status, details, self._usage(finished))))
 
     def _usage(self, finished: Finished | None) -> dict[str, Any]:
         """Token counts; a cancelled response counts what it generated and, its prompt unknown, no input."""
         if finished is not None:
             prompt, text, codes = finished.usage.prompt_tokens, finished.usage.text_tokens, finished.usage.audio_tokens
         else:  # 50 codes per second of audio
-            prompt, text, codes = 0, self.num_text_tokens, round(self.item.parts[0].audio_ms / 20)
+            audio_ms = self.item.parts[0].audio_ms if self.item.parts else 0.0
+            prompt, text, codes = 0, self.num_text_tokens, round(audio_ms / 20)
         clips = [q.samples for i in self.spec.context for q in i.parts if q.samples is not None]
         heard = sum(audio_token_count(len(clip)) for clip in clips)
         audio_in = min(prompt, heard)
@@ -261,7 +357,7 @@ class LiveResponse:
             "id": self.id,
             "status": status,
             "status_details": details,
-            "output": [] if status == "in_progress" else [self.item.to_json()],
+            "output": [] if status == "in_progress" else [i.to_json() for i in [self.item][: self.speaks] + self.calls],
             "conversation_id": self.session.conversation_id if spec.conversation == "auto" else None,
             "output_modalities": spec.modalities,
             "max_output_tokens": spec.max_output_tokens,

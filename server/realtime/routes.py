@@ -14,6 +14,7 @@ from omnitalk.server.realtime.outbox import Outbox
 from omnitalk.server.realtime.protocol import ClientError
 from omnitalk.server.realtime.response import LiveResponse, plan
 from omnitalk.server.realtime.session import RealtimeSession, SessionConfig, build_item, user_audio_item
+from omnitalk.server.realtime.transcription import transcribe
 from omnitalk.server.realtime.vad import SpeechStarted, SpeechStopped
 from omnitalk.server.state import Busy, ServerState
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 MIN_COMMIT_MS = 100  # as OpenAI: a shorter buffer is "empty"
+CLOSE_NORMAL = 1000
 CLOSE_TOO_SLOW = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
@@ -49,26 +51,43 @@ class Connection:
         config = SessionConfig(model=state.model_name, voice="Chelsie" if "Chelsie" in voices else voices[0])
         self.session = RealtimeSession(p.new_id("sess"), config)
         self.outbox = Outbox(ws, state.metrics, self.settings.max_queued_bytes, self.settings.max_client_lag_s)
+        self.transcriptions: set[asyncio.Task] = set()
 
     async def serve(self) -> None:
         writer = self.outbox.start()
         self.outbox.send(p.event("session.created", session=self.session.config.to_json(self.session.id)))
         reader = asyncio.create_task(self._receive())
+        expired = False
         try:
-            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            lifetime = self.settings.realtime_max_session_s
+            done, _ = await asyncio.wait({reader, writer}, timeout=lifetime, return_when=asyncio.FIRST_COMPLETED)
+            expired = not done
         finally:
             for task in (reader, writer):  # the reader first: it must not start anything new
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
             if self.session.response is not None:  # the client is gone: stop every stage of its response
                 await self.session.response.cancel(None)
+            for task in self.transcriptions:
+                task.cancel()
+            await asyncio.gather(*self.transcriptions, return_exceptions=True)
         code = CLOSE_TOO_SLOW if self.outbox.overflowed else None
+        if expired:
+            await self._expire()
+            code = CLOSE_NORMAL
         if not reader.cancelled() and reader.exception() is not None:
             log.error("realtime: the receive loop failed", exc_info=reader.exception())
             code = CLOSE_INTERNAL
         if code is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(code), timeout=5)
+
+    async def _expire(self) -> None:
+        """OpenAI's end of a session that reached its maximum duration: an error, then the close."""
+        minutes = self.settings.realtime_max_session_s / 60
+        expired = ClientError(f"Your session hit the maximum duration of {minutes:g} minutes.", "session_expired")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.send_text(json.dumps(p.error_event(expired))), timeout=5)
 
     async def _receive(self) -> None:
         while True:
@@ -120,18 +139,19 @@ class Connection:
             case p.ItemTruncate():
                 await self._truncate(event)
             case p.ItemDelete():
+                self.session.conversation.find(event.item_id, action="delete")
                 await self._stop_writing(event.item_id)
                 self.session.conversation.remove(event.item_id)
                 self.outbox.send(p.event("conversation.item.deleted", item_id=event.item_id))
             case p.ItemRetrieve():
-                item = self.session.conversation.find(event.item_id)
+                item = self.session.conversation.find(event.item_id, action="retrieve")
                 self.outbox.send(p.event("conversation.item.retrieved", item=item.to_json()))
             case p.ResponseCreate():
                 await self._create_response(event.response)
             case p.ResponseCancel():
                 live = self.session.response
                 if live is None or event.response_id not in (None, live.id):
-                    raise ClientError("there is no active response to cancel", "response_cancel_not_active")
+                    raise ClientError("Cancellation failed: no active response found", "response_cancel_not_active")
                 await live.cancel("client_cancelled")
 
     def _update_session(self, update: p.Session) -> None:
@@ -201,6 +221,10 @@ class Connection:
         previous = self.session.conversation.last_id
         self.outbox.send(p.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous))
         self._add_item(item, None)
+        if self.session.config.transcription is not None:
+            task = asyncio.create_task(transcribe(self.state.engine, item, self.outbox))
+            self.transcriptions.add(task)
+            task.add_done_callback(self.transcriptions.discard)
 
     def _end_turn(self) -> None:
         if self.session.vad is not None:
@@ -216,7 +240,7 @@ class Connection:
         """Keeps the part of an assistant's audio the client played, and as much of its transcript: the transcript
         is cut in proportion (audio_end_ms / the audio's length, in characters), text and speech not being
         aligned word by word."""
-        item = self.session.conversation.find(event.item_id)
+        item = self.session.conversation.find(event.item_id, action="truncate")
         part = item.parts[event.content_index] if event.content_index < len(item.parts) else None
         if item.role != "assistant" or part is None or part.type != "output_audio":
             raise ClientError("only an assistant's audio content can be truncated", param="content_index")
@@ -249,7 +273,10 @@ class Connection:
                 f"response {self.session.response.id} is still in progress; cancel it or wait",
                 "conversation_already_has_active_response",
             )
-        spec = await plan(self.session, params, self.state.engine.voices, self.settings.max_audio_seconds)
+        settings = self.settings
+        spec = await plan(
+            self.session, params, self.state.engine, settings.max_audio_seconds, settings.realtime_context_tokens
+        )
         response = LiveResponse(spec, self.session, self.state, self.outbox)
         try:
             response.start()

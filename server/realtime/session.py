@@ -16,11 +16,33 @@ from omnitalk.server import speech
 from omnitalk.server.realtime import protocol as p
 from omnitalk.server.realtime.protocol import SAMPLE_RATE, ClientError
 from omnitalk.server.realtime.vad import EAGERNESS_SILENCE_MS, TurnDetector
+from omnitalk.server.tools import Function, ToolChoice, Tools, call_text, response_text
 
 if TYPE_CHECKING:
     from omnitalk.server.realtime.response import LiveResponse
 
-_EXTRAS = ("tools", "tool_choice", "tracing", "truncation", "prompt", "include", "parallel_tool_calls", "reasoning")
+_EXTRAS = ("tracing", "prompt", "include", "parallel_tool_calls", "reasoning")
+
+
+def tool_set(tools: list[dict[str, Any]], choice: str | dict[str, Any], param: str) -> Tools:
+    """The functions and the choice, as a session or response gives them (their JSON); ClientError if the choice
+    names a function that is not offered."""
+    functions = tuple(Function(t["name"], t.get("description"), t.get("parameters")) for t in tools)
+    if isinstance(choice, dict):
+        if choice["name"] not in {f.name for f in functions}:
+            raise ClientError(f"tool_choice names {choice['name']!r}, which is not among the tools", param=param)
+        return Tools(functions, ToolChoice("function", choice["name"]))
+    return Tools(functions, ToolChoice(choice))  # type: ignore[arg-type]
+
+
+def tools_json(tools: list[p.FunctionTool] | None, choice: p.ToolChoiceParam | None) -> dict[str, Any]:
+    """The tool fields given, as echoed (plain JSON)."""
+    fields: dict[str, Any] = {}
+    if tools is not None:
+        fields["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+    if choice is not None:
+        fields["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump()
+    return fields
 
 
 def resolve_voice(voice: str, voices: list[str], param: str) -> str:
@@ -41,13 +63,21 @@ class SessionConfig:
     turn_detection: p.ServerVad | p.SemanticVad | None = field(default_factory=lambda: p.ServerVad(type="server_vad"))
     transcription: Any = None
     noise_reduction: Any = None
-    extras: dict[str, Any] = field(default_factory=lambda: {"tools": [], "tool_choice": "auto", "tracing": None})
+    tools: list[dict[str, Any]] = field(default_factory=list)  # as given (FunctionTool's JSON)
+    tool_choice: str | dict[str, Any] = "auto"
+    truncation: str | dict[str, Any] = "auto"  # as given: "auto", "disabled" or a retention_ratio object
+    extras: dict[str, Any] = field(default_factory=lambda: {"tracing": None})
 
     def updated(self, update: p.Session, voices: list[str]) -> SessionConfig:
         """A new config with the update's fields applied; the old one is untouched if anything is invalid."""
         given = update.model_fields_set
         changes = {k: getattr(update, k) for k in _SIMPLE_FIELDS if k in given and getattr(update, k) is not None}
         extras = {**self.extras, **{k: getattr(update, k) for k in given if k in _EXTRAS}}
+        changes |= tools_json(update.tools, update.tool_choice)
+        if update.truncation is not None:
+            truncation = update.truncation
+            changes["truncation"] = truncation if isinstance(truncation, str) else truncation.model_dump()
+        tool_set(changes.get("tools", self.tools), changes.get("tool_choice", self.tool_choice), "session.tool_choice")
         audio = update.audio
         if audio is not None and audio.input is not None:
             changes |= {k: getattr(audio.input, k) for k in audio.input.model_fields_set if k != "format"}
@@ -55,6 +85,13 @@ class SessionConfig:
             resolve_voice(audio.output.voice, voices, "session.audio.output.voice")
             changes["voice"] = audio.output.voice
         return dataclasses.replace(self, **changes, extras=extras)
+
+    @property
+    def retention(self) -> float | None:
+        """What truncation keeps of the room after the instructions: 1.0 for "auto", None when it is disabled."""
+        if isinstance(self.truncation, dict):
+            return self.truncation["retention_ratio"]
+        return None if self.truncation == "disabled" else 1.0
 
     def vad(self, position_24k: int) -> TurnDetector | None:
         """A fresh detector for the current turn detection, starting at the given point of the input timeline."""
@@ -84,6 +121,9 @@ class SessionConfig:
                 },
                 "output": {"format": p.PCM, "voice": self.voice, "speed": 1.0},
             },
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "truncation": self.truncation,
             **self.extras,
         }
 
@@ -117,24 +157,56 @@ class ItemPart:
 @dataclass(slots=True)
 class Item:
     id: str
-    role: str
+    role: str  # a message's; function calls are the assistant's, their outputs the user's
     parts: list[ItemPart]
     status: str = "completed"
+    type: str = "message"  # message | function_call | function_call_output
+    call_id: str | None = None
+    name: str | None = None  # function_call: the function
+    arguments: str = ""  # function_call: a JSON text
+    output: str = ""  # function_call_output
 
     def to_json(self) -> dict[str, Any]:
-        content = [part.to_json() for part in self.parts]
-        return {
-            "id": self.id,
-            "object": "realtime.item",
-            "type": "message",
-            "status": self.status,
-            "role": self.role,
-            "content": content,
-        }
+        head = {"id": self.id, "object": "realtime.item", "type": self.type, "status": self.status}
+        if self.type == "function_call":
+            return {**head, "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        if self.type == "function_call_output":
+            return {**head, "call_id": self.call_id, "output": self.output}
+        return {**head, "role": self.role, "content": [part.to_json() for part in self.parts]}
 
     def message(self) -> Message | None:
+        if self.type == "function_call":
+            return Message("assistant", (Text(call_text(self.name or "", self.arguments)),))
+        if self.type == "function_call_output":
+            return Message("user", (Text(response_text([self.output])),))
         parts = tuple(q for q in (part.engine_part() for part in self.parts) if q is not None)
         return Message(self.role, parts) if parts else None  # type: ignore[arg-type]
+
+
+def conversation_messages(items: tuple[Item, ...]) -> list[Message]:
+    """The items as the thinker's turns: as in Qwen2.5's template, an answer's calls join its words in one assistant
+    turn and consecutive call outputs make one user turn."""
+    messages: list[Message] = []
+    previous: Item | None = None
+    for item in items:
+        message = item.message()
+        if message is None:
+            continue
+        joins = previous is not None and (
+            (item.type == "function_call" and previous.role == "assistant")
+            or (item.type == "function_call_output" and previous.type == "function_call_output")
+        )
+        if joins and _text_only(messages[-1]):
+            text = messages[-1].content[0].text + "\n" + message.content[0].text  # type: ignore[union-attr]
+            messages[-1] = Message(item.role, (Text(text),))  # type: ignore[arg-type]
+        else:
+            messages.append(message)
+        previous = item
+    return messages
+
+
+def _text_only(message: Message) -> bool:
+    return len(message.content) == 1 and isinstance(message.content[0], Text)
 
 
 def user_audio_item(item_id: str, pcm: bytes, max_seconds: float) -> Item:
@@ -144,15 +216,25 @@ def user_audio_item(item_id: str, pcm: bytes, max_seconds: float) -> Item:
 
 def build_item(item: p.Item, max_seconds: float) -> Item:
     """A conversation item from a client's (blocking: decodes media). ClientError if it cannot be used."""
+    item_id = item.id or p.new_id("item")
+    if item.type == "function_call":
+        if not item.name:
+            raise ClientError("a function_call item needs name", code="missing_required_parameter", param="item.name")
+        call_id = item.call_id or p.new_id("call")
+        return Item(item_id, "assistant", [], type="function_call", call_id=call_id, name=item.name,
+                    arguments=item.arguments or "")  # fmt: skip
+    if item.type == "function_call_output":
+        if item.call_id is None or item.output is None:
+            missing = "item.call_id" if item.call_id is None else "item.output"
+            raise ClientError(f"a function_call_output item needs {missing}", "missing_required_parameter", missing)
+        return Item(item_id, "user", [], type="function_call_output", call_id=item.call_id, output=item.output)
     if item.type != "message":
-        raise ClientError(
-            f"{item.type} items are not supported: this server has no function calling", param="item.type"
-        )
+        raise ClientError(f"{item.type} items are only allowed in response.input", param="item.type")
     if item.role is None or not item.content:
         missing = "item.role" if item.role is None else "item.content"
         raise ClientError(f"a message item needs {missing}", code="missing_required_parameter", param=missing)
     parts = [_part(item.role, c, max_seconds, f"item.content[{i}]") for i, c in enumerate(item.content)]
-    return Item(item.id or p.new_id("item"), item.role, parts)
+    return Item(item_id, item.role, parts)
 
 
 _ALIASES = {
@@ -207,11 +289,13 @@ def _decode(pcm: bytes, max_seconds: float, param: str) -> np.ndarray:
 class Conversation:
     items: list[Item] = field(default_factory=list)
 
-    def find(self, item_id: str, param: str = "item_id") -> Item:
+    def find(self, item_id: str, param: str = "item_id", action: str | None = None) -> Item:
+        """The item; ClientError if unknown, with OpenAI's code for the action that asked (retrieve, delete, ...)."""
         for item in self.items:
             if item.id == item_id:
                 return item
-        raise ClientError(f"no item with id {item_id!r} in the conversation", code="item_not_found", param=param)
+        code = f"item_{action}_invalid_item_id" if action else "item_not_found"
+        raise ClientError(f"no item with id {item_id!r} in the conversation", code=code, param=param)
 
     def insert(self, item: Item, previous_item_id: str | None = None) -> str | None:
         """Adds `item` after `previous_item_id` ("root": first; None: last); returns the id now before it."""
@@ -227,7 +311,7 @@ class Conversation:
         return self.items[index - 1].id if index else None
 
     def remove(self, item_id: str) -> None:
-        self.items.remove(self.find(item_id))
+        self.items.remove(self.find(item_id, action="delete"))
 
     @property
     def last_id(self) -> str | None:

@@ -114,3 +114,19 @@ async def test_unknown_voice_is_a_clear_error(omni: OmniEngine):
     request = OmniRequest("bad-voice", conversation("Hi."), speech=Speech("Nobody"))
     with pytest.raises(ValueError, match="unknown voice 'Nobody'; available: Chelsie, Ethan"):
         await run(omni, request)
+
+
+async def test_speech_stops_before_its_until_token_as_if_the_answer_ended_there(omni: OmniEngine):
+    """A tool call is never spoken: the talker hears the text up to the first `until` token and takes that token
+    as the end, exactly as for an answer cut at that token by max_tokens; the text goes on in full."""
+    messages = conversation("Tell me about the weather.")
+    text_only, _ = await run(omni, OmniRequest("until-text", messages, Sampling(max_tokens=30)))
+    tokens = [t for e in text_only if isinstance(e, TextDelta) for t in e.token_ids]
+    k = next(i for i in range(4, len(tokens)) if tokens[i] not in tokens[:i])
+    talker = TalkerSampling(seed=11, max_tokens=150)
+    until = Speech("Chelsie", talker, frozenset({tokens[k]}))
+    events, gated = await run(omni, OmniRequest("until-gated", messages, Sampling(max_tokens=30), until))
+    assert [t for e in events if isinstance(e, TextDelta) for t in e.token_ids] == tokens
+    _, cut = await run(omni, OmniRequest("until-cut", messages, Sampling(max_tokens=k + 1), Speech("Chelsie", talker)))
+    assert len(gated) == len(cut) > 0
+    assert np.abs(gated - cut).max() <= 1e-5 * max(np.abs(cut).max(), 1e-30) + 1e-7

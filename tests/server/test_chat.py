@@ -25,6 +25,8 @@ from omnitalk.server.chat.protocol import parse_request
 SAMPLES_PER_CODE = 480  # 24 kHz / 50 codes per second
 MODEL = "omnitalk-tiny-random"
 HELLO = [{"role": "user", "content": "Say hello."}]
+F_TOOL = {"type": "function", "function": {"name": "f"}}
+CALL_G = {"type": "function", "function": {"name": "g"}}
 SPEAK = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "pcm16"}}
 
 
@@ -259,7 +261,11 @@ async def test_speech_inserts_qwens_system_prompt_unless_one_is_sent(server):
     ("extra", "param", "message"),
     [
         ({"n": 2}, "n", "n > 1 is not supported"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools and functions"),
+        ({"functions": [{"name": "f"}]}, "functions", "use tools"),
+        ({"tool_choice": "required"}, "tool_choice", "only allowed when 'tools' are specified"),
+        ({"tools": [F_TOOL], "tool_choice": CALL_G}, "tool_choice", "no function named 'g'"),
+        ({"max_tokens": 8180}, "max_tokens", "maximum context length is 8192 tokens"),
+        ({"max_completion_tokens": 9000}, "max_completion_tokens", "Please reduce the length"),
         ({"logprobs": True}, "logprobs", "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format", "structured outputs"),
         ({"modalities": ["text", "audio"]}, "audio", '"audio" is required'),
@@ -289,7 +295,7 @@ def user(*parts: dict) -> list[dict]:
         (user({"type": "input_audio", "input_audio": {"data": "AAAAAAAA", "format": "mp3"}}), "audio"),
         (user({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aiff"}}), "format: Input should"),
         (user({"type": "file", "file": {}}), "Input tag 'file'"),
-        ([{"role": "tool", "content": "x", "tool_call_id": "1"}], "Input tag 'tool'"),
+        ([{"role": "tool", "content": "x"}], "tool_call_id: Field required"),
         ([], "messages"),
         ([{"role": "user", "content": "hello " * 9000}], "maximum context length"),
     ],
