@@ -6,9 +6,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from omnitalk.engine.omni import EngineConfig, OmniEngine
 from omnitalk.engine.speech.config import SpeechConfig
@@ -19,6 +21,7 @@ from omnitalk.server.realtime.routes import router as realtime_router
 from omnitalk.server.state import ServerState
 
 log = logging.getLogger("omnitalk")
+STATIC = Path(__file__).parent / "static"  # the voice demo page: plain HTML and JavaScript modules
 
 
 def engine_config(state: ServerState) -> EngineConfig:
@@ -46,6 +49,11 @@ def create_app(state: ServerState) -> FastAPI:
     errors.install(app)
     app.include_router(chat_router)
     app.include_router(realtime_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def demo() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
