@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("args", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
 
+    # A terminal client of a running server; its own parser (`omnitalk chat -h`), like bench's.
+    chat = commands.add_parser("chat", help="one spoken turn with a running server (chat -h: options)",
+                               add_help=False, prefix_chars="\0")  # fmt: skip
+    chat.add_argument("args", nargs=argparse.REMAINDER)
+    chat.set_defaults(run=_chat)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.run(args)
@@ -49,6 +55,12 @@ def _bench(args: argparse.Namespace) -> None:
     from omnitalk.clients.bench.cli import main as bench
 
     raise SystemExit(bench(args.args))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from omnitalk.clients.chat import main as chat
+
+    raise SystemExit(chat(args.args))
 
 
 def _serve(args: argparse.Namespace) -> None:
