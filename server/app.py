@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from omnitalk.engine.omni import EngineConfig, OmniEngine
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.thinker.engine import ThinkerConfig
-from omnitalk.server import errors
+from omnitalk.server import errors, logs
 from omnitalk.server.chat.routes import router as chat_router
 from omnitalk.server.realtime.routes import router as realtime_router
 from omnitalk.server.state import ServerState
@@ -78,9 +79,10 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 async def _load(state: ServerState) -> None:
+    started = time.monotonic()
     try:
         state.engine = await asyncio.to_thread(OmniEngine.start, engine_config(state))
-        log.info("engine ready: serving %s", state.model_name)
+        logs.ready(state.engine, time.monotonic() - started)
     except Exception:
         log.exception("the engine failed to start")
         raise

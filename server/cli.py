@@ -66,21 +66,19 @@ def _chat(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from omnitalk.server.app import create_app
-    from omnitalk.server.state import ServerState
+    from omnitalk.server import logs
 
     overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None}
     settings = ServerSettings(**overrides)
     name = settings.model.name if settings.model else TINY_MODEL_NAME
+    logs.start_up(settings)
     if settings.model is None:
         from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
         settings.model = tiny_checkpoint()
-        log.warning(
-            "serving the built-in tiny checkpoint at %s: its weights are random, "
-            "so its text and audio are noise. Pass --model DIR to serve a real Qwen2.5-Omni checkpoint.",
-            settings.model,
-        )
+    from omnitalk.server.app import create_app  # imports vLLM: after start_up has quieted it
+    from omnitalk.server.state import ServerState
+
     uvicorn.run(
         create_app(ServerState(settings, name)),
         host=settings.host,

@@ -1,0 +1,50 @@
+"""`omnitalk serve`'s own start-up lines, and quiet third-party logging unless the log level is debug."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omnitalk.engine.omni import OmniEngine
+    from omnitalk.server.settings import ServerSettings
+
+log = logging.getLogger("omnitalk")
+# Read by vLLM's and transformers' loggers in this process and in vLLM's engine processes, which inherit them.
+QUIET_ENVIRONMENT = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+
+
+def start_up(settings: ServerSettings) -> None:
+    """Before vLLM or transformers are imported: silences what they are expected to say (dtype casts of the tiny
+    model, Triton missing on a CPU, deprecations) unless the level is debug; then says what is served where."""
+    if settings.log_level.lower() == "debug":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG")
+    else:
+        for name, value in QUIET_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
+        warnings.simplefilter("ignore")
+        for name in ("vllm", "transformers"):  # in case they were imported before this
+            logging.getLogger(name).setLevel(logging.ERROR)
+    if settings.model is None:
+        log.info("model: omnitalk-tiny-random, the built-in tiny checkpoint: random weights, so its text and audio")
+        log.info("       are noise (pass --model DIR to serve a real Qwen2.5-Omni checkpoint)")
+    else:
+        log.info("model: %s", settings.model)
+    root = f"http://{settings.host}:{settings.port}"
+    log.info("demo page: %s/   API: %s/v1   metrics: %s/metrics", root, root, root)
+    log.info("loading the engine (about a minute on a CPU)...")
+
+
+def ready(engine: OmniEngine, seconds: float) -> None:
+    """Where each stage runs and in which dtype, then "ready"."""
+    from vllm.platforms import current_platform
+
+    talker, code2wav = engine.speech.talker, engine.speech.code2wav
+    thinker_dtype = str(engine.thinker.llm.model_config.dtype).removeprefix("torch.")
+    log.info("thinker: vLLM on %s, %s", current_platform.device_type, thinker_dtype)
+    log.info("talker: %s, %s", talker.device, str(talker.model.codec_head.weight.dtype).removeprefix("torch."))
+    vocoder_dtype = str(next(code2wav.vocoder.parameters()).dtype).removeprefix("torch.")
+    log.info("code2wav: %s, %s", code2wav.device, vocoder_dtype)
+    log.info("ready in %.1f s", seconds)
