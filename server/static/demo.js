@@ -19,7 +19,8 @@ const sentChunks = []; // [input timeline sample where a chunk starts, performan
 let sentSamples = 0;
 const live = new Map(); // response id -> {itemId, line, gotAudio}
 const userLines = new Map(); // item id -> transcript line
-let playing = null; // {itemId} of the answer being heard, until the player drains
+let playing = null; // {itemId} of the answer being heard, until the player drains after its last delta
+let audioPending = false; // deltas may still come: an underrun is not the end of the answer
 
 const audio = new AudioIO({
   onChunk(pcm) {
@@ -31,7 +32,7 @@ const audio = new AudioIO({
   },
   onPlayed(total, idle) {
     state.samplesPlayed = total;
-    if (idle) playing = null;
+    if (idle && !audioPending) playing = null;
     $("speaking").textContent = playing ? "assistant speaking…" : "";
   },
 });
@@ -135,6 +136,7 @@ function handle(event) {
       heard(event);
       break;
     case "response.output_audio.done":
+      audioPending = false;
       audio.endOfAudio();
       break;
     case "response.done":
@@ -163,6 +165,7 @@ function heard(event) {
     }
   }
   playing = { itemId: event.item_id };
+  audioPending = true;
   audio.play(event.item_id, fromBase64(event.delta));
 }
 
@@ -170,6 +173,7 @@ function heard(event) {
 async function bargeIn() {
   if (!playing) return;
   playing = null;
+  audioPending = false;
   const { item, ms } = await audio.clear();
   if (item) send({ type: "conversation.item.truncate", item_id: item, content_index: 0, audio_end_ms: Math.floor(ms) });
 }
