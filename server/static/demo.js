@@ -141,6 +141,8 @@ function handle(event) {
       break;
     case "response.done":
       state.responses += 1;
+      audioPending = false;
+      audio.endOfAudio();
       live.delete(event.response.id);
       status({ completed: "your turn", incomplete: "your turn (the answer reached its token cap)" }[event.response.status]
         ?? `response ${event.response.status}`);
