@@ -6,9 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
+from omnitalk.server import logs
 from omnitalk.server.settings import ServerSettings
 
 log = logging.getLogger("omnitalk")
+logs.quiet_engine_process()  # vLLM's engine processes import this module first
 TINY_MODEL_NAME = "omnitalk-tiny-random"
 
 
@@ -65,8 +67,6 @@ def _chat(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
-
-    from omnitalk.server import logs
 
     overrides = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None}
     settings = ServerSettings(**overrides)

@@ -13,7 +13,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("omnitalk")
 # Read by vLLM's and transformers' loggers in this process and in vLLM's engine processes, which inherit them.
-QUIET_ENVIRONMENT = {"VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+QUIET_ENVIRONMENT = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+    "OMNITALK_QUIET": "1",
+}
+
+
+def quiet_engine_process() -> None:
+    """In a process that vLLM spawned from a quiet `omnitalk serve`: vLLM warns while it is imported, before it
+    applies VLLM_LOGGING_LEVEL, so its logger is quieted first. Spawned processes import the main module (the
+    `omnitalk` command, so server/cli.py) before anything else, which is where this is called."""
+    if os.environ.get("OMNITALK_QUIET") == "1":
+        _quiet_loggers()
+
+
+def _quiet_loggers() -> None:
+    for name in ("vllm", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def start_up(settings: ServerSettings) -> None:
@@ -25,8 +43,7 @@ def start_up(settings: ServerSettings) -> None:
         for name, value in QUIET_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
         warnings.simplefilter("ignore")
-        for name in ("vllm", "transformers"):  # in case they were imported before this
-            logging.getLogger(name).setLevel(logging.ERROR)
+        _quiet_loggers()
     if settings.model is None:
         log.info("model: omnitalk-tiny-random, the built-in tiny checkpoint: random weights, so its text and audio")
         log.info("       are noise (pass --model DIR to serve a real Qwen2.5-Omni checkpoint)")
