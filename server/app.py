@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from omnitalk.engine.omni import EngineConfig, OmniEngine
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.thinker.config import ThinkerStartError
 from omnitalk.engine.thinker.engine import ThinkerConfig
-from omnitalk.server import errors
+from omnitalk.server import errors, logs
 from omnitalk.server.auth import Guard
 from omnitalk.server.chat.protocol import ChatCompletionRequest
 from omnitalk.server.chat.routes import router as chat_router
@@ -25,6 +28,7 @@ from omnitalk.server.state import ServerState
 
 log = logging.getLogger("omnitalk")
 WATCH_INTERVAL_S = 0.25
+STATIC = Path(__file__).parent / "static"  # the voice demo page: plain HTML and JavaScript modules
 
 
 def engine_config(settings: ServerSettings) -> EngineConfig:
@@ -64,6 +68,11 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(Guard, settings=state.settings)
     app.include_router(chat_router)
     app.include_router(realtime_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def demo() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
 
     app.openapi = lambda: _openapi(app)
 
@@ -112,9 +121,10 @@ def _openapi(app: FastAPI) -> dict:
 
 
 async def _load(state: ServerState) -> None:
+    started = time.monotonic()
     try:
         state.engine = await asyncio.to_thread(OmniEngine.start, engine_config(state.settings))
-        log.info("engine ready: serving %s", state.model_name)
+        logs.ready(state.engine, time.monotonic() - started)
     except ThinkerStartError as error:  # a configuration vLLM accepted but the tap cannot serve: say so, once
         state.fatal = f"the engine cannot start: {error}"
     except Exception as error:

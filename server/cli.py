@@ -1,4 +1,4 @@
-"""The `omnitalk` command: serve, make-tiny, bench."""
+"""The `omnitalk` command: serve, make-tiny, bench, chat."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ import logging
 import sys
 from pathlib import Path
 
+from omnitalk.server import logs
 from omnitalk.server.flags import OneLineParser, add_settings_arguments
 from omnitalk.server.settings import ServerSettings
 
 log = logging.getLogger("omnitalk")
+logs.quiet_engine_process()  # vLLM's engine processes import this module first
 TINY_MODEL_NAME = "omnitalk-tiny-random"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        logs.quiet_unless_debug(argv)  # before serve's flags import vLLM, which warns as it loads
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.run(args)
@@ -44,6 +48,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                 add_help=False, prefix_chars="\0")  # fmt: skip
     bench.add_argument("args", nargs=argparse.REMAINDER)
     bench.set_defaults(run=_bench)
+
+    # A terminal client of a running server; its own parser (`omnitalk chat -h`), like bench's.
+    chat = commands.add_parser("chat", help="one spoken turn with a running server (chat -h: options)",
+                               add_help=False, prefix_chars="\0")  # fmt: skip
+    chat.add_argument("args", nargs=argparse.REMAINDER)
+    chat.set_defaults(run=_chat)
+
     return parser
 
 
@@ -59,6 +70,12 @@ def _bench(args: argparse.Namespace) -> None:
     raise SystemExit(bench(args.args))
 
 
+def _chat(args: argparse.Namespace) -> None:
+    from omnitalk.clients.chat import main as chat
+
+    raise SystemExit(chat(args.args))
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -68,15 +85,11 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = serve_settings(args)
     name = settings.model.name if settings.model else TINY_MODEL_NAME
+    logs.start_up(settings)
     if settings.model is None:
         from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
         settings.model = tiny_checkpoint()
-        log.warning(
-            "serving the built-in tiny checkpoint at %s: its weights are random, "
-            "so its text and audio are noise. Pass --model DIR to serve a real Qwen2.5-Omni checkpoint.",
-            settings.model,
-        )
     try:
         check_startup(engine_config(settings))
     except ValueError as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import sys
 import time
@@ -110,7 +111,9 @@ async def main_async(argv: list[str]) -> int:
     json_path = args.result_json or Path("results") / f"bench-{stamp}.json"
     write_json(json_path, results_json(config, result, notes))
     print(f"results: {json_path}", file=sys.stderr)
-    if not args.no_plots:
+    if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
+        print("plots: skipped, matplotlib is not installed (pip install 'omnitalk[plots]')", file=sys.stderr)
+    elif not args.no_plots:
         from omnitalk.clients.bench.plots import write_plots
 
         plot_dir = args.plot_dir or json_path.with_name(json_path.stem + "-plots")

@@ -17,7 +17,7 @@ from omnitalk.engine.tiny.config import TINY_CONFIG
 from omnitalk.engine.tiny.tokenizer import build_tokenizer
 
 # Bump whenever the bytes written change, so cached copies of older builds are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 SEED = 20250326
 PARTS = ("thinker", "talker", "token2wav")
 # Real speaker entries of Qwen2.5-Omni's spk_dict.pt: bos ids are real, cond and ref_mel random.
@@ -26,6 +26,8 @@ REF_MEL_FRAMES = 300  # 3 s of 100 Hz mel, like a short reference utterance
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 THINKER_EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
+VOCODER_GAIN = 0.6  # of a variance-preserving draw: at 0.5 the vocoder is near silent, at 0.7 it clips
+TARGET_RMS = 0.1  # -20 dBFS
 
 
 def default_cache_dir() -> Path:
@@ -63,6 +65,7 @@ def make_tiny_checkpoint(out_dir: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = Qwen2_5OmniForConditionalGeneration(config).eval()
+        _make_vocoder_audible(model.token2wav.code2wav_bigvgan_model)
         speakers = _random_speakers()
     config.save_pretrained(out_dir)
     _write_generation_config(out_dir)
@@ -70,6 +73,25 @@ def make_tiny_checkpoint(out_dir: Path) -> Path:
     _save_torch_deterministic(speakers, out_dir / "spk_dict.pt")
     _build_processor().save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def _make_vocoder_audible(vocoder: torch.nn.Module) -> None:
+    """Redraws the vocoder's conv weights so that random mels come out as clearly audible noise.
+
+    transformers draws every weight with std 0.02, which the vocoder's stacked convolutions shrink to about 1e-8
+    of full scale: silence. A fixed fraction of a variance-preserving draw keeps the signal alive through the stack;
+    the output conv is then scaled so that a random log-mel comes out at TARGET_RMS, well inside the clamp."""
+    for module in vocoder.modules():
+        if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
+            fan_in = module.weight[0].numel() if isinstance(module, torch.nn.Conv1d) else module.weight[:, 0].numel()
+            module.weight.normal_(0.0, VOCODER_GAIN * (2.0 / fan_in) ** 0.5)
+    mel_dim = TINY_CONFIG["token2wav_config"]["bigvgan_config"]["mel_dim"]
+    outputs: list[torch.Tensor] = []
+    hook = vocoder.conv_post.register_forward_hook(lambda _module, _inputs, out: outputs.append(out))
+    vocoder(torch.randn(1, mel_dim, 200))
+    hook.remove()
+    vocoder.conv_post.weight.mul_(TARGET_RMS / outputs[0].pow(2).mean().sqrt())
 
 
 def _random_speakers() -> dict[str, dict]:
