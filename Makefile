@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 ifeq ($(TARGET),cpu)
 	$(PIP) install torch==2.13.0
 endif
-	$(PIP) install -e '.[$(TARGET),dev]'
+	$(PIP) install -e '.[$(TARGET),dev,ray]'
 	@# The PyPI torchaudio/torchcodec wheels are CUDA builds that cannot load next to CPU torch; nothing here uses them.
 ifeq ($(TARGET),cpu)
 	$(PIP) uninstall --yes torchaudio torchcodec

@@ -39,3 +39,10 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.limiter = StreamLimiter(self.settings.max_concurrent_streams)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this server cannot serve (its thinker engine died), or None."""
+        if self.engine is not None and self.engine.thinker.llm.errored:
+            return "the thinker engine is dead"
+        return None
