@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile constraints/cpu.txt
 ifeq ($(TARGET),cpu)
 	$(PIP) install torch==2.13.0
 endif
-	$(PIP) install -e '.[$(TARGET),plots,dev]' $(CONSTRAINTS)
+	$(PIP) install -e '.[$(TARGET),plots,dev,ray]' $(CONSTRAINTS)
 	@# The PyPI torchaudio/torchcodec wheels are CUDA builds that cannot load next to CPU torch; nothing here uses them.
 ifeq ($(TARGET),cpu)
 	$(PIP) uninstall --yes torchaudio torchcodec

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omnitalk.server import logs
 from omnitalk.server.flags import OneLineParser, add_settings_arguments
+from omnitalk.server.scaleout import add_ray_arguments, ray_options, serve_on_ray
 from omnitalk.server.settings import ServerSettings
 
 log = logging.getLogger("omnitalk")
@@ -37,6 +38,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     if argv[:1] == ["serve"]:  # vLLM's argument definitions are imported only for the command that needs them
         add_settings_arguments(serve)
+        add_ray_arguments(serve)
     serve.set_defaults(run=_serve)
 
     tiny = commands.add_parser("make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint to DIR")
@@ -90,6 +92,9 @@ def _serve(args: argparse.Namespace) -> None:
         from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
         settings.model = tiny_checkpoint()
+    if args.ray:  # each replica checks its own start-up: this machine may lack the GPUs (or even the model)
+        serve_on_ray(settings, name, ray_options(args))
+        return
     try:
         check_startup(engine_config(settings))
     except ValueError as error:

@@ -1,0 +1,226 @@
+"""`omnitalk serve --ray` on a local Ray cluster: two replicas of the tiny model behind Ray Serve's proxy.
+
+The replicas are what `serve_on_ray` deploys (`build_app`); each is the whole engine and app. A replica takes at
+most STREAMS requests (`max_ongoing_requests`), and a Realtime session is one request for its life, so STREAMS + 1
+sessions held open at once must land on both replicas. The failover test kills one replica's vLLM engine and runs
+last: the module's cluster is not used after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import websockets
+
+from omnitalk.server.scaleout import APP_NAME, REPLICA_HEADER, RayOptions, build_app, deployment_options, replica_gpus
+from omnitalk.server.settings import ServerSettings
+
+ray = pytest.importorskip("ray", reason="the `ray` extra is not installed")
+
+MODEL = "omnitalk-tiny-random"
+STREAMS = 2  # each replica's stream limit, so its Ray request limit
+KILLED_RESPONSE_TOKENS = 600
+HELLO = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a long story."}]}
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    url: str  # Ray Serve's proxy
+    metrics_url: str  # Ray's Prometheus export
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(settings: ServerSettings) -> Iterator[Cluster]:
+    if os.environ.get("OMNITALK_RAY_CLUSTER") != "1":
+        pytest.skip("the two-replica Ray cluster tests take ~15 min and 7 GiB: run with OMNITALK_RAY_CLUSTER=1")
+    from ray import serve
+
+    http_port, metrics_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, _metrics_export_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    replica = settings.model_copy(update={"max_concurrent_streams": STREAMS})
+    serve.run(build_app(replica, MODEL, RayOptions(None, 0, 2, 2), 0), name=APP_NAME, route_prefix="/")
+    yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
+    serve.shutdown()
+    ray.shutdown()
+
+
+class Session:
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.replica: str = ws.response.headers[REPLICA_HEADER]
+
+    async def send(self, kind: str, **fields: Any) -> None:
+        await self.ws.send(json.dumps({"type": kind, **fields}))
+
+    async def until(self, *kinds: str) -> dict[str, Any]:
+        while True:
+            event = json.loads(await asyncio.wait_for(self.ws.recv(), 300))
+            if event["type"] in kinds:
+                return event
+
+
+@asynccontextmanager
+async def sessions(url: str, n: int) -> AsyncIterator[list[Session]]:
+    """`n` Realtime sessions open at once, each past session.created."""
+    async with AsyncExitStack() as stack:
+        held = []
+        for _ in range(n):
+            ws = await stack.enter_async_context(
+                # No handshake timeout: while every replica is full, Ray holds the session until one has room.
+                websockets.connect(url.replace("http://", "ws://") + f"/v1/realtime?model={MODEL}", open_timeout=None)
+            )
+            held.append(Session(ws))
+            assert (await held[-1].until("session.created", "error"))["type"] == "session.created"
+        yield held
+
+
+async def start_text_response(session: Session, max_tokens: int | str) -> None:
+    await session.send("conversation.item.create", item=HELLO)
+    response = {"output_modalities": ["text"], "max_output_tokens": max_tokens}
+    await session.send("response.create", response=response)
+
+
+def test_a_replica_reserves_its_thinker_and_speech_gpus(settings: ServerSettings) -> None:
+    tp2 = settings.model_copy(update={"tensor_parallel_size": 2})
+    assert replica_gpus(tp2, cluster_gpus=8) == 2  # speech on the thinker's first GPU
+    assert replica_gpus(tp2.model_copy(update={"speech_device": "cuda:2"}), cluster_gpus=8) == 3
+    assert replica_gpus(tp2, cluster_gpus=0) == 0
+
+
+def test_autoscaling_only_when_the_replica_count_may_change(settings: ServerSettings) -> None:
+    fixed = deployment_options(settings, RayOptions(None, None, 2, 2), 1)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    scaling = deployment_options(settings, RayOptions(None, None, 1, 4), 0.5)["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 4)
+    assert 1 <= scaling["target_ongoing_requests"] < settings.max_concurrent_streams
+
+
+async def test_streamed_chat_through_ray(cluster: Cluster) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
+    async with (
+        httpx.AsyncClient(timeout=300) as client,
+        client.stream("POST", cluster.url + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200 and response.headers[REPLICA_HEADER]
+        frames = [line.removeprefix("data: ") async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert all("error" not in c for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+async def test_realtime_turn_through_ray(cluster: Cluster) -> None:
+    async with sessions(cluster.url, 1) as (session,):
+        await session.send("conversation.item.create", item=HELLO)
+        await session.send("response.create", response={"max_output_tokens": 8})  # the session's audio + text
+        audio = await session.until("response.output_audio.delta", "response.done")
+        assert audio["type"] == "response.output_audio.delta" and audio["delta"]
+        done = (await session.until("response.done"))["response"]
+        # The random model never says eos: it stops at max_output_tokens, which OpenAI calls incomplete.
+        assert done["status"] == "incomplete" and done["status_details"]["reason"] == "max_output_tokens"
+
+
+async def test_sessions_beyond_one_replica_land_on_the_other(cluster: Cluster) -> None:
+    async with sessions(cluster.url, STREAMS + 1) as held:
+        replicas = [s.replica for s in held]
+    assert len(set(replicas)) == 2 and max(replicas.count(r) for r in replicas) <= STREAMS
+
+
+async def test_one_scrape_gives_every_replicas_live_streams(cluster: Cluster) -> None:
+    async with sessions(cluster.url, STREAMS + 1) as held, httpx.AsyncClient() as client:
+        for session in held:
+            await start_text_response(session, "inf")
+        for session in held:
+            await session.until("response.output_text.delta")
+        live = await _live_streams(client, cluster.metrics_url, lambda live: sum(live.values()) == len(held))
+        assert set(live) == {s.replica for s in held}
+        for session in held:
+            await session.send("response.cancel")
+            assert (await session.until("response.done"))["response"]["status"] == "cancelled"
+        await _live_streams(client, cluster.metrics_url, lambda live: sum(live.values()) == 0)
+
+
+async def _live_streams(client: httpx.AsyncClient, url: str, wanted) -> dict[str, float]:
+    """`ray_omnitalk_live_streams` by replica, once `wanted` holds (Ray exports every few seconds)."""
+    while True:
+        text = (await client.get(url)).text
+        live = {
+            line.split('replica="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("ray_omnitalk_live_streams{")
+        }
+        if live and wanted(live):
+            return live
+        await asyncio.sleep(1)
+
+
+def test_omnitalk_bench_against_ray(cluster: Cluster, tmp_path: Path) -> None:
+    result = tmp_path / "bench.json"
+    load = ["--protocol", "both", "--concurrency", "3", "--num-requests", "3", "--max-tokens", "8", "--warmups", "0"]
+    args = ["--url", cluster.url, *load, "--no-plots", "--no-progress", "--result-json", str(result)]
+    subprocess.run([Path(sys.executable).parent / "omnitalk", "bench", *args], check=True, timeout=900)
+    runs = json.loads(result.read_text())["runs"]
+    assert {run["protocol"] for run in runs} == {"http", "realtime"}
+    assert all(run["metrics"]["completed"] == 3 and run["metrics"]["failed"] == 0 for run in runs)
+
+
+async def test_a_dead_engine_fails_its_streams_and_its_replica_comes_back(cluster: Cluster) -> None:
+    async with sessions(cluster.url, STREAMS + 1) as held:
+        before = {s.replica for s in held}
+        for session in held:  # long enough to be live when the engine dies; the other replica's run to their end
+            await start_text_response(session, KILLED_RESPONSE_TOKENS)
+        for session in held:
+            await session.until("response.output_text.delta")
+        _kill_one_engine()
+        ends: dict[str, set[str]] = {}
+        for session in held:
+            done = await session.until("response.done")
+            ends.setdefault(session.replica, set()).add(done["response"]["status"])
+    assert sorted(tuple(statuses) for statuses in ends.values()) == [("failed",), ("incomplete",)]
+    dead = next(r for r, statuses in ends.items() if statuses == {"failed"})
+    while True:  # Ray replaces the replica whose health check fails; meanwhile the other one serves
+        try:
+            async with sessions(cluster.url, STREAMS + 1) as held:
+                now = {s.replica for s in held}
+        except websockets.ConnectionClosed:  # accepted by the dead replica just before Ray stopped it
+            continue
+        if len(now) == 2 and dead not in now:
+            break
+        await asyncio.sleep(1)
+    assert now - before  # a new replica, and the healthy one still serving
+    assert (before - {dead}) <= now
+
+
+def _kill_one_engine() -> None:
+    """SIGKILL one replica's vLLM EngineCore process (a descendant of this test's local Ray cluster)."""
+    cores = [p for p in psutil.Process(os.getpid()).children(recursive=True) if "EngineCore" in _title(p)]
+    assert len(cores) == 2, [_title(p) for p in cores]
+    cores[0].kill()
+
+
+def _title(process: psutil.Process) -> str:
+    """The process title (vLLM sets it in argv; `name()` is cut at 15 characters)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone meanwhile
+        return ""
