@@ -72,7 +72,9 @@ def ready(engine: OmniEngine, seconds: float) -> None:
     talker, code2wav = engine.speech.talker, engine.speech.code2wav
     thinker_dtype = str(engine.thinker.llm.model_config.dtype).removeprefix("torch.")
     log.info("thinker: vLLM on %s, %s", current_platform.device_type, thinker_dtype)
-    log.info("talker: %s, %s", talker.device, str(talker.model.codec_head.weight.dtype).removeprefix("torch."))
+    pool = talker.runner.pool
+    pool_gib = pool.numel() * pool.element_size() / 2**30
+    log.info("talker: %s, %s, KV pool %.2f GiB", pool.device, str(pool.dtype).removeprefix("torch."), pool_gib)
     vocoder_dtype = str(next(code2wav.vocoder.parameters()).dtype).removeprefix("torch.")
     log.info("code2wav: %s, %s", code2wav.device, vocoder_dtype)
     log.info("ready in %.1f s", seconds)

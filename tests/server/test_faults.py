@@ -128,7 +128,7 @@ def test_a_start_up_failure_exits_non_zero_with_one_line(tmp_path):
                           capture_output=True, text=True, timeout=BOUND_S * 3, env=env)  # fmt: skip
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("omnitalk: the engine failed to start:"), done.stderr[-2000:]
+    assert last.startswith("omnitalk serve: error:") and "no config.json" in last, done.stderr[-2000:]
 
 
 def engine_core(pid: int) -> psutil.Process:
