@@ -283,7 +283,7 @@ def _sampling_params(request: ThinkerRequest):
     # thinker ignores seeds; the talker and Code2Wav still honour them.
     seed = None if current_platform.is_cpu() else s.seed
     structured = None
-    if s.json_schema is not None:  # no free whitespace between tokens: a random model could pad forever
+    if s.json_schema is not None:  # compact JSON: the engine's structured_outputs_config (engine_args)
         structured = StructuredOutputsParams(json=s.json_schema)
     return SamplingParams(
         max_tokens=s.max_tokens,
