@@ -1,9 +1,16 @@
 """`omnitalk serve --ray` on a local Ray cluster: two replicas of the tiny model behind Ray Serve's proxy.
 
 The replicas are what `serve_on_ray` deploys (`build_app`); each is the whole engine and app. A replica takes at
-most STREAMS requests (`max_ongoing_requests`), and a Realtime session is one request for its life, so STREAMS + 1
-sessions held open at once must land on both replicas. The failover test kills one replica's vLLM engine and runs
-last: the module's cluster is not used after it.
+most STREAMS requests (`max_ongoing_requests`), and a Realtime session is one request for its life.
+
+Two sets share one cluster (started once for the module, ~3 GiB beside the test session's own engine):
+- CI's (`make test`, every run, ~5 min): the first two sessions land on different replicas (Ray's router picks the
+  less loaded) and each serves a Realtime turn; with every replica at its limit a new session waits in Ray's queue
+  and lands on the replica that frees a slot; a streamed chat; and last, one replica's vLLM engine is killed: its
+  streams end `failed`, the other replica's run to their end, and Ray brings up a new replica.
+- The full set adds, with OMNITALK_RAY_CLUSTER=1 (~2 min more): one scrape of Ray's metrics export shows every
+  replica's live streams, and `omnitalk bench` (both protocols) runs against the proxy.
+The tests run in file order: the routing tests need an idle cluster, the failover test ends it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,12 @@ MODEL = "omnitalk-tiny-random"
 STREAMS = 2  # each replica's stream limit, so its Ray request limit
 KILLED_RESPONSE_TOKENS = 600
 HELLO = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a long story."}]}
+# vLLM's CPU KV cache size in GiB for each replica: the test session's share (gpu_memory_utilization, a share of
+# RAM on CPU) would give each replica ~2.4 GiB, held from start-up; the tiny model needs a few MiB.
+REPLICA_KV_GIB = "1"
+full_set = pytest.mark.skipif(
+    os.environ.get("OMNITALK_RAY_CLUSTER") != "1", reason="in the full Ray set only: run with OMNITALK_RAY_CLUSTER=1"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +63,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(settings: ServerSettings) -> Iterator[Cluster]:
-    if os.environ.get("OMNITALK_RAY_CLUSTER") != "1":
-        pytest.skip("the two-replica Ray cluster tests take ~15 min and 7 GiB: run with OMNITALK_RAY_CLUSTER=1")
     from ray import serve
 
     http_port, metrics_port = _free_port(), _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, _metrics_export_port=metrics_port)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        _metrics_export_port=metrics_port,
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": REPLICA_KV_GIB}},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     replica = settings.model_copy(update={"max_concurrent_streams": STREAMS})
     serve.run(build_app(replica, MODEL, RayOptions(None, 0, 2, 2), 0), name=APP_NAME, route_prefix="/")
@@ -79,25 +96,39 @@ class Session:
                 return event
 
 
+async def open_session(url: str, stack: AsyncExitStack) -> Session:
+    """A Realtime session past session.created, closed with `stack`."""
+    ws = await stack.enter_async_context(
+        # No handshake timeout: while every replica is full, Ray holds the session until one has room.
+        websockets.connect(url.replace("http://", "ws://") + f"/v1/realtime?model={MODEL}", open_timeout=None)
+    )
+    session = Session(ws)
+    assert (await session.until("session.created", "error"))["type"] == "session.created"
+    return session
+
+
 @asynccontextmanager
 async def sessions(url: str, n: int) -> AsyncIterator[list[Session]]:
-    """`n` Realtime sessions open at once, each past session.created."""
+    """`n` Realtime sessions open at once, opened one after another."""
     async with AsyncExitStack() as stack:
-        held = []
-        for _ in range(n):
-            ws = await stack.enter_async_context(
-                # No handshake timeout: while every replica is full, Ray holds the session until one has room.
-                websockets.connect(url.replace("http://", "ws://") + f"/v1/realtime?model={MODEL}", open_timeout=None)
-            )
-            held.append(Session(ws))
-            assert (await held[-1].until("session.created", "error"))["type"] == "session.created"
-        yield held
+        yield [await open_session(url, stack) for _ in range(n)]
 
 
 async def start_text_response(session: Session, max_tokens: int | str) -> None:
     await session.send("conversation.item.create", item=HELLO)
     response = {"output_modalities": ["text"], "max_output_tokens": max_tokens}
     await session.send("response.create", response=response)
+
+
+async def realtime_turn(session: Session) -> None:
+    """A turn with the session's default output (audio and its transcript)."""
+    await session.send("conversation.item.create", item=HELLO)
+    await session.send("response.create", response={"max_output_tokens": 8})
+    audio = await session.until("response.output_audio.delta", "response.done")
+    assert audio["type"] == "response.output_audio.delta" and audio["delta"]
+    done = (await session.until("response.done"))["response"]
+    # The random model never says eos: it stops at max_output_tokens, which OpenAI calls incomplete.
+    assert done["status"] == "incomplete" and done["status_details"]["reason"] == "max_output_tokens"
 
 
 def test_a_replica_reserves_its_thinker_and_speech_gpus(settings: ServerSettings) -> None:
@@ -110,9 +141,32 @@ def test_a_replica_reserves_its_thinker_and_speech_gpus(settings: ServerSettings
 def test_autoscaling_only_when_the_replica_count_may_change(settings: ServerSettings) -> None:
     fixed = deployment_options(settings, RayOptions(None, None, 2, 2), 1)
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["max_ongoing_requests"] == settings.max_concurrent_streams
     scaling = deployment_options(settings, RayOptions(None, None, 1, 4), 0.5)["autoscaling_config"]
     assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 4)
     assert 1 <= scaling["target_ongoing_requests"] < settings.max_concurrent_streams
+
+
+async def test_a_new_session_goes_to_the_less_loaded_replica(cluster: Cluster) -> None:
+    """First on the idle cluster: the second session finds one replica holding a request and the other none."""
+    async with sessions(cluster.url, 2) as held:
+        assert held[0].replica != held[1].replica
+        for session in held:  # a Realtime turn on each replica
+            await realtime_turn(session)
+
+
+async def test_a_full_replica_is_not_chosen(cluster: Cluster) -> None:
+    """With both replicas at their limit a new session waits in Ray's queue, then lands where a slot frees."""
+    async with AsyncExitStack() as stack, httpx.AsyncClient() as client:
+        held = [await open_session(cluster.url, stack) for _ in range(2 * STREAMS)]
+        replicas = [s.replica for s in held]
+        assert sorted(replicas.count(r) for r in set(replicas)) == [STREAMS, STREAMS]
+        late = asyncio.ensure_future(open_session(cluster.url, stack))
+        await _metric(client, cluster.metrics_url, "ray_serve_deployment_queued_queries", lambda v: sum(v) == 1)
+        assert not late.done()
+        freed = held.pop()
+        await freed.ws.close()
+        assert (await late).replica == freed.replica
 
 
 async def test_streamed_chat_through_ray(cluster: Cluster) -> None:
@@ -129,23 +183,7 @@ async def test_streamed_chat_through_ray(cluster: Cluster) -> None:
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
-async def test_realtime_turn_through_ray(cluster: Cluster) -> None:
-    async with sessions(cluster.url, 1) as (session,):
-        await session.send("conversation.item.create", item=HELLO)
-        await session.send("response.create", response={"max_output_tokens": 8})  # the session's audio + text
-        audio = await session.until("response.output_audio.delta", "response.done")
-        assert audio["type"] == "response.output_audio.delta" and audio["delta"]
-        done = (await session.until("response.done"))["response"]
-        # The random model never says eos: it stops at max_output_tokens, which OpenAI calls incomplete.
-        assert done["status"] == "incomplete" and done["status_details"]["reason"] == "max_output_tokens"
-
-
-async def test_sessions_beyond_one_replica_land_on_the_other(cluster: Cluster) -> None:
-    async with sessions(cluster.url, STREAMS + 1) as held:
-        replicas = [s.replica for s in held]
-    assert len(set(replicas)) == 2 and max(replicas.count(r) for r in replicas) <= STREAMS
-
-
+@full_set
 async def test_one_scrape_gives_every_replicas_live_streams(cluster: Cluster) -> None:
     async with sessions(cluster.url, STREAMS + 1) as held, httpx.AsyncClient() as client:
         for session in held:
@@ -160,20 +198,27 @@ async def test_one_scrape_gives_every_replicas_live_streams(cluster: Cluster) ->
         await _live_streams(client, cluster.metrics_url, lambda live: sum(live.values()) == 0)
 
 
-async def _live_streams(client: httpx.AsyncClient, url: str, wanted) -> dict[str, float]:
-    """`ray_omnitalk_live_streams` by replica, once `wanted` holds (Ray exports every few seconds)."""
+async def _live_streams(
+    client: httpx.AsyncClient, url: str, wanted: Callable[[dict[str, float]], bool]
+) -> dict[str, float]:
+    """`ray_omnitalk_live_streams` by replica, once `wanted` holds."""
+    return await _metric(client, url, "ray_omnitalk_live_streams", wanted, by="replica")
+
+
+async def _metric(client: httpx.AsyncClient, url: str, name: str, wanted: Callable, by: str | None = None) -> Any:
+    """A metric of Ray's export, once `wanted` holds (Ray exports every few seconds): its values by tag `by`, or
+    without `by` the list of its series' values."""
     while True:
-        text = (await client.get(url)).text
-        live = {
-            line.split('replica="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("ray_omnitalk_live_streams{")
-        }
-        if live and wanted(live):
-            return live
+        lines = [line for line in (await client.get(url)).text.splitlines() if line.startswith(name + "{")]
+        values = [float(line.rsplit(" ", 1)[1]) for line in lines]
+        tags = [line.split(f'{by}="')[1].split('"')[0] for line in lines] if by else []
+        series = dict(zip(tags, values, strict=True)) if by else values
+        if series and wanted(series):
+            return series
         await asyncio.sleep(1)
 
 
+@full_set
 def test_omnitalk_bench_against_ray(cluster: Cluster, tmp_path: Path) -> None:
     result = tmp_path / "bench.json"
     load = ["--protocol", "both", "--concurrency", "3", "--num-requests", "3", "--max-tokens", "8", "--warmups", "0"]
