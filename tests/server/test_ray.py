@@ -3,12 +3,15 @@
 The replicas are what `serve_on_ray` deploys (`build_app`); each is the whole engine and app. A replica takes at
 most STREAMS requests (`max_ongoing_requests`), and a Realtime session is one request for its life.
 
-Two sets share one cluster (started once for the module, ~3 GiB beside the test session's own engine):
-- CI's (`make test`, every run, ~5 min): the first two sessions land on different replicas (Ray's router picks the
-  less loaded) and each serves a Realtime turn; with every replica at its limit a new session waits in Ray's queue
-  and lands on the replica that frees a slot; a streamed chat; and last, one replica's vLLM engine is killed: its
-  streams end `failed`, the other replica's run to their end, and Ray brings up a new replica.
-- The full set adds, with OMNITALK_RAY_CLUSTER=1 (~2 min more): one scrape of Ray's metrics export shows every
+Two sets share one cluster, started once for the module: ~4 min of start-up on the shared 2-core machine, and
+~9.4 GiB (PSS: per replica ~4.4 GiB, Ray ~0.6 GiB) beside the test session's own engine (~6.6 GiB) while both
+replicas run.
+- CI's (`make test`, every run, ~6 min in all): the first two sessions land on different replicas (Ray's router
+  picks the less loaded) and each serves a Realtime turn; with every replica at its limit a new session waits in
+  Ray's queue and lands on the replica that frees a slot; a streamed chat; and last, one replica's vLLM engine is
+  killed: its streams end `failed`, the other replica's run to their end, new sessions go to the healthy replica,
+  and Ray brings up a new one (~2 min).
+- The full set adds, with OMNITALK_RAY_CLUSTER=1 (~35 s more): one scrape of Ray's metrics export shows every
   replica's live streams, and `omnitalk bench` (both protocols) runs against the proxy.
 The tests run in file order: the routing tests need an idle cluster, the failover test ends it.
 """
@@ -41,9 +44,12 @@ MODEL = "omnitalk-tiny-random"
 STREAMS = 2  # each replica's stream limit, so its Ray request limit
 KILLED_RESPONSE_TOKENS = 600
 HELLO = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a long story."}]}
-# vLLM's CPU KV cache size in GiB for each replica: the test session's share (gpu_memory_utilization, a share of
-# RAM on CPU) would give each replica ~2.4 GiB, held from start-up; the tiny model needs a few MiB.
+# Each replica's memory, so that two fit beside the test session's own engine: vLLM's CPU KV cache in GiB (the
+# session's share of RAM would give each ~2.4 GiB, zeroed at start-up; the tiny model needs a few MiB), a small
+# talker pool, and no torch.compile (the replicas test routing and failover; the session's engine, compiled, tests
+# the model). VLLM_CPU_KVCACHE_SPACE is vLLM's own CPU knob: the replicas inherit it from Ray's runtime_env.
 REPLICA_KV_GIB = "1"
+REPLICA = {"max_concurrent_streams": STREAMS, "talker_memory_gib": 0.125, "enforce_eager": True}
 full_set = pytest.mark.skipif(
     os.environ.get("OMNITALK_RAY_CLUSTER") != "1", reason="in the full Ray set only: run with OMNITALK_RAY_CLUSTER=1"
 )
@@ -74,7 +80,7 @@ def cluster(settings: ServerSettings) -> Iterator[Cluster]:
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": REPLICA_KV_GIB}},
     )
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    replica = settings.model_copy(update={"max_concurrent_streams": STREAMS})
+    replica = settings.model_copy(update=REPLICA)
     serve.run(build_app(replica, MODEL, RayOptions(None, 0, 2, 2), 0), name=APP_NAME, route_prefix="/")
     yield Cluster(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics")
     serve.shutdown()
@@ -237,10 +243,10 @@ async def test_a_dead_engine_fails_its_streams_and_its_replica_comes_back(cluste
         for session in held:
             await session.until("response.output_text.delta")
         _kill_one_engine()
-        ends: dict[str, set[str]] = {}
-        for session in held:
-            done = await session.until("response.done")
-            ends.setdefault(session.replica, set()).add(done["response"]["status"])
+        statuses = await asyncio.gather(*(_response_end(s) for s in held))
+    ends: dict[str, set[str]] = {}
+    for session, status in zip(held, statuses, strict=True):
+        ends.setdefault(session.replica, set()).add(status)
     assert sorted(tuple(statuses) for statuses in ends.values()) == [("failed",), ("incomplete",)]
     dead = next(r for r, statuses in ends.items() if statuses == {"failed"})
     while True:  # Ray replaces the replica whose health check fails; meanwhile the other one serves
@@ -256,10 +262,20 @@ async def test_a_dead_engine_fails_its_streams_and_its_replica_comes_back(cluste
     assert (before - {dead}) <= now
 
 
+async def _response_end(session: Session) -> str:
+    """The status its response ends with; a failed one's session is closed at once, so that Ray stops the dead
+    replica without waiting out its graceful shutdown for the session (the replacement's start overlaps less)."""
+    status = (await session.until("response.done"))["response"]["status"]
+    if status == "failed":
+        await session.ws.close()
+    return status
+
+
 def _kill_one_engine() -> None:
-    """SIGKILL one replica's vLLM EngineCore process (a descendant of this test's local Ray cluster)."""
-    cores = [p for p in psutil.Process(os.getpid()).children(recursive=True) if "EngineCore" in _title(p)]
-    assert len(cores) == 2, [_title(p) for p in cores]
+    """SIGKILL one replica's vLLM EngineCore process (the test session's own engine, if started, is not one)."""
+    replicas = [p for p in psutil.Process(os.getpid()).children(recursive=True) if "ServeReplica" in _title(p)]
+    cores = [c for r in replicas for c in r.children(recursive=True) if "EngineCore" in _title(c)]
+    assert len(replicas) == len(cores) == 2, [_title(p) for p in replicas + cores]
     cores[0].kill()
 
 
