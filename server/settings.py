@@ -61,6 +61,8 @@ class ServerSettings(BaseSettings):
     """outgoing bytes queued per Realtime connection, at most"""
     realtime_max_session_s: float = 3600.0
     """a Realtime session's longest life, in seconds (OpenAI's: 60 minutes)"""
+    realtime_idle_timeout_s: float | None = None
+    """a Realtime session with no client event and no live response for this long is closed; none: never (as OpenAI)"""
     realtime_context_tokens: int | None = None
     """a Realtime response's prompt and answer together, at most (older items are truncated); none: the context"""
 

@@ -25,7 +25,7 @@ from omnitalk.server.errors import APIError
 from omnitalk.server.metrics import ResponseTimer
 from omnitalk.server.speech import resolve_voice, talker_max_codes
 from omnitalk.server.state import ServerState
-from omnitalk.server.tool_calls import CallParser, ToolCall
+from omnitalk.server.tool_calls import CallEvent, CallParser, ToolCall
 from omnitalk.server.tools import call_tokens
 
 AUDIO_TTL_S = 3600  # how long an answer's audio id stays usable in a later request (its transcript is kept)
@@ -206,14 +206,18 @@ class ChatServing:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             return {**head, "choices": [choice], **extra}
 
-        def deltas(words: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
-            if parser.calls and not words.strip():
+        def deltas(words: str, events: list[CallEvent]) -> list[dict[str, Any]]:
+            if parser.calling and not words.strip():
                 words = ""  # the whitespace between calls is no answer
             out = [chunk({"audio": {"id": audio_id, "transcript": words}} if audio_id else {"content": words})]
-            for call in calls:  # OpenAI's two steps: the call's id and name, then its arguments
-                first = {"index": call.index, "id": call.id, "type": "function"}
-                out.append(chunk({"tool_calls": [{**first, "function": {"name": call.name, "arguments": ""}}]}))
-                out.append(chunk({"tool_calls": [{"index": call.index, "function": {"arguments": call.arguments}}]}))
+            for event in events:  # OpenAI's steps: the call's id and name, then its arguments piece by piece
+                call = event.call
+                if event.kind == "open":
+                    first = {"index": call.index, "id": call.id, "type": "function"}
+                    out.append(chunk({"tool_calls": [{**first, "function": {"name": call.name, "arguments": ""}}]}))
+                elif event.kind == "arguments":
+                    piece = {"index": call.index, "function": {"arguments": call.arguments}}
+                    out.append(chunk({"tool_calls": [piece]}))
             return out[0 if words else 1 :]
 
         status = "cancelled"

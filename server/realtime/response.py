@@ -35,7 +35,7 @@ from omnitalk.server.realtime.session import (
 )
 from omnitalk.server.speech import talker_max_codes
 from omnitalk.server.state import ServerState
-from omnitalk.server.tool_calls import CallParser, ToolCall
+from omnitalk.server.tool_calls import CallEvent, CallParser
 from omnitalk.server.tools import Tools, call_tokens, with_tools
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ class LiveResponse:
     previous_item_id: str | None = None
     calls: list[Item] = field(default_factory=list)  # function_call items, after the message (if any)
     parser: CallParser | None = None
+    previous_call_id: str | None = None  # the open call's previous_item_id in the conversation
     num_text_tokens: int = 0
     finished: bool = False
 
@@ -245,34 +246,42 @@ class LiveResponse:
             self.timer.text()
             self._words(*self.parser.feed(delta.text))
 
-    def _words(self, text: str, calls: list[ToolCall]) -> None:
+    def _words(self, text: str, events: list[CallEvent]) -> None:
         if text and self.speaks and not (self.calls and not text.strip()):  # whitespace between calls: no words
             self.item.parts[0].text += text
             kind = "response.output_audio_transcript.delta" if self.spec.audio else "response.output_text.delta"
             self.outbox.send(p.event(kind, **self._ids(), delta=text), self.id)
-        for call in calls:
-            self._call(call)
+        for event in events:
+            self._call(event)
 
-    def _call(self, call: ToolCall) -> None:
-        """A function_call output item, whole: pipecat and livekit want it added before its arguments, and done
-        with them."""
-        item = Item(p.new_id("item"), "assistant", [], "in_progress", "function_call", call.id, call.name)
-        index = len(self.calls) + self.speaks
-        self.calls.append(item)
-        at = {"response_id": self.id, "output_index": index}
-        self.outbox.send(p.event("response.output_item.added", **at, item=item.to_json()))
-        previous = None
-        if self.spec.conversation == "auto":
-            previous = self.session.conversation.insert(item)
-            self.outbox.send(p.event("conversation.item.added", previous_item_id=previous, item=item.to_json()))
+    def _call(self, event: CallEvent) -> None:
+        """A function_call output item as it forms: added before its arguments (pipecat and livekit want it so),
+        the arguments streamed, done with them whole."""
+        call = event.call
+        if event.kind == "open":
+            item = Item(p.new_id("item"), "assistant", [], "in_progress", "function_call", call.id, call.name)
+            self.calls.append(item)
+        item = self.calls[-1]
+        at = {"response_id": self.id, "output_index": len(self.calls) - 1 + self.speaks}
         ids = {**at, "item_id": item.id, "call_id": call.id}
-        self.outbox.send(p.event("response.function_call_arguments.delta", **ids, delta=call.arguments))
-        item.arguments, item.status = call.arguments, "completed"
-        done = {**ids, "name": call.name, "arguments": call.arguments}
-        self.outbox.send(p.event("response.function_call_arguments.done", **done))
-        self.outbox.send(p.event("response.output_item.done", **at, item=item.to_json()))
-        if self.spec.conversation == "auto":
-            self.outbox.send(p.event("conversation.item.done", previous_item_id=previous, item=item.to_json()))
+        conversation = self.spec.conversation == "auto"
+        if event.kind == "open":
+            self.outbox.send(p.event("response.output_item.added", **at, item=item.to_json()))
+            if conversation:
+                self.previous_call_id = self.session.conversation.insert(item)
+                added = {"previous_item_id": self.previous_call_id, "item": item.to_json()}
+                self.outbox.send(p.event("conversation.item.added", **added))
+        elif event.kind == "arguments":
+            item.arguments += call.arguments
+            self.outbox.send(p.event("response.function_call_arguments.delta", **ids, delta=call.arguments))
+        else:
+            item.arguments, item.status = call.arguments, "completed"
+            done = {**ids, "name": call.name, "arguments": call.arguments}
+            self.outbox.send(p.event("response.function_call_arguments.done", **done))
+            self.outbox.send(p.event("response.output_item.done", **at, item=item.to_json()))
+            if conversation:
+                finished = {"previous_item_id": self.previous_call_id, "item": item.to_json()}
+                self.outbox.send(p.event("conversation.item.done", **finished))
 
     def _audio(self, samples: np.ndarray) -> None:
         self.timer.audio(len(samples))
@@ -299,6 +308,14 @@ class LiveResponse:
         self.item.status = "completed" if status == "completed" else "incomplete"
         if notify and self.speaks:
             self._close_message()
+        if self.calls and self.calls[-1].status == "in_progress":  # cut while its arguments streamed
+            self.calls[-1].status = "incomplete"
+            if notify:
+                at = {"response_id": self.id, "output_index": len(self.calls) - 1 + self.speaks}
+                self.outbox.send(p.event("response.output_item.done", **at, item=self.calls[-1].to_json()))
+                if self.spec.conversation == "auto":
+                    done = {"previous_item_id": self.previous_call_id, "item": self.calls[-1].to_json()}
+                    self.outbox.send(p.event("conversation.item.done", **done))
         if notify:
             self.outbox.send(p.event("response.done", response=self._json(status, details, self._usage(finished))))
 

@@ -52,6 +52,7 @@ class Connection:
         self.session = RealtimeSession(p.new_id("sess"), config)
         self.outbox = Outbox(ws, state.metrics, self.settings.max_queued_bytes, self.settings.max_client_lag_s)
         self.transcriptions: set[asyncio.Task] = set()
+        self.idle = False  # the session was closed for want of client events
 
     async def serve(self) -> None:
         writer = self.outbox.start()
@@ -72,8 +73,8 @@ class Connection:
                 task.cancel()
             await asyncio.gather(*self.transcriptions, return_exceptions=True)
         code = CLOSE_TOO_SLOW if self.outbox.overflowed else None
-        if expired:
-            await self._expire()
+        if expired or self.idle:
+            await self._end(expired)
             code = CLOSE_NORMAL
         if not reader.cancelled() and reader.exception() is not None:
             log.error("realtime: the receive loop failed", exc_info=reader.exception())
@@ -82,16 +83,34 @@ class Connection:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(code), timeout=5)
 
-    async def _expire(self) -> None:
-        """OpenAI's end of a session that reached its maximum duration: an error, then the close."""
-        minutes = self.settings.realtime_max_session_s / 60
-        expired = ClientError(f"Your session hit the maximum duration of {minutes:g} minutes.", "session_expired")
+    async def _end(self, expired: bool) -> None:
+        """OpenAI's end of a session that reached its maximum duration (an error, then the close); an idle one
+        ends the same way, with its own code (OpenAI has no idle limit)."""
+        if expired:
+            minutes = self.settings.realtime_max_session_s / 60
+            why = ClientError(f"Your session hit the maximum duration of {minutes:g} minutes.", "session_expired")
+        else:
+            seconds = self.settings.realtime_idle_timeout_s
+            why = ClientError(f"The session was idle for {seconds:g} seconds and has been closed.", "session_idle")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.send_text(json.dumps(p.error_event(expired))), timeout=5)
+            await asyncio.wait_for(self.ws.send_text(json.dumps(p.error_event(why))), timeout=5)
+
+    async def _next_message(self) -> dict | None:
+        """The next WebSocket message; none once the session has been idle too long (a live response or a
+        transcription is not idle)."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.ws.receive(), self.settings.realtime_idle_timeout_s)
+            except TimeoutError:
+                if self.session.response is None and not self.transcriptions:
+                    self.idle = True
+                    return None
 
     async def _receive(self) -> None:
         while True:
-            message = await self.ws.receive()
+            message = await self._next_message()
+            if message is None:
+                return
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")

@@ -64,13 +64,29 @@ async def test_required_streams_one_call_in_openais_delta_shape(sdk):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant"
     calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
-    assert len(calls) == 2 and {c.index for c in calls} == {0}
-    head, arguments = calls
+    assert {c.index for c in calls} == {0}
+    head, *pieces = calls
     assert head.id.startswith("call_") and head.type == "function" and head.function.arguments == ""
-    assert arguments.id is None and arguments.function.name is None
+    assert len(pieces) > 1  # the arguments stream as the thinker writes them
+    assert all(p.id is None and p.type is None and p.function.name is None for p in pieces)
     assert not any(d.content for d in deltas)
-    jsonschema.validate(json.loads(arguments.function.arguments), SCHEMAS[head.function.name])
+    arguments = "".join(p.function.arguments for p in pieces)
+    jsonschema.validate(json.loads(arguments), SCHEMAS[head.function.name])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_the_sdks_stream_helper_assembles_the_streamed_arguments(sdk):
+    async with sdk.chat.completions.stream(
+        model=MODEL, messages=HELLO, tools=TOOLS, tool_choice="required", max_tokens=200
+    ) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_completion()
+    pieces = [e.arguments_delta for e in events if e.type == "tool_calls.function.arguments.delta"]
+    [done] = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    [call] = final.choices[0].message.tool_calls
+    assert len(pieces) > 1 and "".join(pieces) == done.arguments == call.function.arguments
+    assert done.name == call.function.name and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
 async def test_a_forced_call_with_audio_asked_speaks_nothing(sdk):

@@ -3,6 +3,8 @@ outgrows the context window, and a session ends at its maximum duration as OpenA
 
 from __future__ import annotations
 
+import json
+
 import websockets
 from realtime_client import MANUAL, realtime
 
@@ -63,3 +65,19 @@ async def test_a_session_ends_at_its_maximum_duration(server):
     finally:
         state.settings.realtime_max_session_s = lifetime
     assert '"code": "session_expired"' in frames[-1] and "maximum duration of 0.025 minutes" in frames[-1]
+
+
+async def test_an_idle_session_is_closed_when_the_setting_asks(server):
+    url, state = server
+    assert state.settings.realtime_idle_timeout_s is None  # OpenAI's: no idle limit
+    state.settings.realtime_idle_timeout_s = 1.0
+    try:
+        async with websockets.connect(url.replace("http://", "ws://") + "/v1/realtime") as ws:
+            await ws.recv()  # session.created
+            await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime"}}))
+            frames = [message async for message in ws]  # until the server closes
+            assert ws.close_code == 1000
+    finally:
+        state.settings.realtime_idle_timeout_s = None
+    assert '"type": "session.updated"' in frames[0]
+    assert '"code": "session_idle"' in frames[-1] and "idle for 1 seconds" in frames[-1]

@@ -10,7 +10,7 @@ import pytest
 
 from omnitalk.engine.request import Message, Text
 from omnitalk.server.context import BudgetError, answer_budget
-from omnitalk.server.tool_calls import CallParser
+from omnitalk.server.tool_calls import CallEvent, CallParser, ToolCall
 from omnitalk.server.tools import Function, ToolChoice, Tools, assistant_text, response_text, with_tools
 
 WEATHER = Function(
@@ -58,14 +58,39 @@ def test_earlier_calls_and_their_results_are_written_as_the_template_writes_them
     )
 
 
-def feed_all(parser: CallParser, pieces: list[str]) -> tuple[str, list]:
-    shown, calls = [], []
+def feed_events(parser: CallParser, pieces: list[str]) -> tuple[str, list[CallEvent]]:
+    shown, events = [], []
     for piece in pieces:
         text, found = parser.feed(piece)
         shown.append(text)
-        calls += found
+        events += found
     text, found = parser.finish()
-    return "".join(shown) + text, calls + found
+    return "".join(shown) + text, events + found
+
+
+def feed_all(parser: CallParser, pieces: list[str]) -> tuple[str, list[ToolCall]]:
+    """The text shown and the calls closed; every call's events are whole and in order."""
+    shown, events = feed_events(parser, pieces)
+    calls = []
+    for call in [e.call for e in events if e.kind == "close"]:
+        mine = [e for e in events if e.call.id == call.id]
+        assert mine[0].kind == "open" and mine[-1].kind == "close"
+        assert all(e.kind == "arguments" for e in mine[1:-1])
+        assert "".join(e.call.arguments for e in mine[1:-1]) == call.arguments
+        calls.append(call)
+    return shown, calls
+
+
+def test_arguments_stream_as_they_are_written():
+    answer = 'Hi<tool_call>\n{"name": "get_weather", "arguments": {"city": "R\\"o}m"}}\n</tool_call>'
+    parser = CallParser(AUTO)
+    seen = [parser.feed(answer[i : i + 4]) for i in range(0, len(answer), 4)]
+    events = [e for _, found in seen for e in found]
+    assert [e.kind for e in events][:2] == ["open", "arguments"] and events[-1].kind == "close"
+    assert events[0].call.name == "get_weather" and events[0].call.arguments == ""
+    pieces = [e.call.arguments for e in events if e.kind == "arguments"]
+    assert len(pieces) > 3 and "".join(pieces) == '{"city": "R\\"o}m"}' == events[-1].call.arguments
+    assert "".join(text for text, _ in seen) == "Hi" and parser.finish() == ("", [])
 
 
 def test_calls_are_parsed_as_they_stream_and_their_text_is_never_shown():
