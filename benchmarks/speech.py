@@ -146,8 +146,9 @@ LOAD = ("streams", "audio s (sum)", "wall s", "audio s / wall s", "mean TTFA s",
 LOAD += ("mean RTF", "worst RTF", "mean stall s", "talker busy", "code2wav busy")
 
 
-async def load(engine: OmniEngine, n: int, codes: int, busy: dict[str, float], rounds: int) -> str:
-    """`rounds` batches of N concurrent answers (distinct talker seeds); the row of the median batch by wall time."""
+async def load(engine: OmniEngine, n: int, codes: int, busy: dict[str, float], rounds: int) -> tuple[str, float]:
+    """`rounds` batches of N concurrent answers (distinct talker seeds): the row of the median batch by wall time
+    and its audio s / wall s."""
     batches = []
     for k in range(rounds):
         busy.update(talker=0.0, code2wav=0.0)
@@ -156,8 +157,8 @@ async def load(engine: OmniEngine, n: int, codes: int, busy: dict[str, float], r
         wall, audio, rtfs = time.perf_counter() - start, sum(x.audio for x in done), [x.rtf for x in done]
         ttfa, text, stall = (statistics.mean(getattr(x, f) for x in done) for f in ("ttfa", "text_done", "stall"))
         cells = [n, audio, wall, audio / wall, ttfa, text, statistics.mean(rtfs), max(rtfs), stall]
-        batches.append((wall, row(*cells, *(f"{busy[s] / wall:.0%}" for s in ("talker", "code2wav")))))
-    return sorted(batches)[len(batches) // 2][1]
+        batches.append((wall, row(*cells, *(f"{busy[s] / wall:.0%}" for s in ("talker", "code2wav"))), audio / wall))
+    return sorted(batches)[len(batches) // 2][1:]
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -174,6 +175,7 @@ async def main(args: argparse.Namespace) -> None:
     speech.talker.step = timed(speech.talker.step, busy, "talker")  # type: ignore[method-assign]
     speech.code2wav.decode = timed(speech.code2wav.decode, busy, "code2wav")  # type: ignore[method-assign]
     lines = [row(*COMPARE), row(*["---"] * len(COMPARE))]
+    sequential, concurrent = 0.0, 0.0  # transformers' audio s / wall s at codes[0]; ours at the last concurrency
     try:
         await ours(engine, "warmup", 50, 0)
         reference.run(50, 0)
@@ -188,6 +190,8 @@ async def main(args: argparse.Namespace) -> None:
                     stages[name].append((busy["talker"], busy["code2wav"]))
             for name, rs in runs.items():
                 m, talker, code2wav = median_run(rs), *(map(statistics.median, zip(*stages[name], strict=True)))
+                if name == "transformers" and codes == args.codes[0]:
+                    sequential = m.audio / m.total
                 ttfa = f"{m.ttfa:.2f}" + (" (= total)" if name == "transformers" else "")
                 answer = f"~{codes / CODES_PER_S:.0f} s ({codes})"
                 lines.append(
@@ -195,16 +199,22 @@ async def main(args: argparse.Namespace) -> None:
                 )
         lines += ["", row(*LOAD), row(*["---"] * len(LOAD))]
         for n in args.concurrency:
-            lines.append(await load(engine, n, args.codes[0], busy, args.rounds))
+            line, concurrent = await load(engine, n, args.codes[0], busy, args.rounds)
+            lines.append(line)
     finally:
         engine.shutdown()
     table = "\n".join(lines)
-    print(table)
+    goal = (
+        f"At {args.concurrency[-1]} streams ours gives {concurrent:.2f} audio s / wall s against transformers' "
+        f"sequential {sequential:.2f} (one ~{args.codes[0] / CODES_PER_S:.0f} s answer at a time): "
+        f"{concurrent / sequential:.1f}x (the goal of issue 10: 5x at 8 streams)."
+    )
+    print(table, goal, sep="\n\n")
     if not args.no_doc:
-        update_doc(table, args)
+        update_doc(table, goal, args)
 
 
-def update_doc(table: str, args: argparse.Namespace) -> None:
+def update_doc(table: str, goal: str, args: argparse.Namespace) -> None:
     mask = "without" if args.plain_transformers else "with"
     section = f"""{TITLE}
 `benchmarks/speech.py` runs the same spoken requests through `OmniEngine` and through transformers'
@@ -220,6 +230,8 @@ Date {datetime.date.today()}; {args.machine}; model {args.model or "tiny"}.
 Command: `.venv/bin/python benchmarks/speech.py{"".join(" " + a for a in sys.argv[1:])}`.
 
 {table}
+
+{goal}
 
 TTFA is time to the first audio sample; transformers returns audio only at the end, so its TTFA is its total
 time. "text done" is when the thinker's last text arrived (transformers: its thinker.generate time). RTF is a

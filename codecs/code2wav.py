@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections import defaultdict
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from omnitalk.codecs.bigvgan import BigVGAN
-from omnitalk.codecs.dit import DiT, DiTInputs
+from omnitalk.codecs.dit import DiT, DiTInputs, Modulation
 from omnitalk.codecs.graphs import StaticCalls, bucket, pad_rows
 from omnitalk.codecs.streaming import (
     MEL_PER_CODE,
@@ -83,6 +84,7 @@ class Code2Wav:
         first, chunk, tail = cfg.first_chunk_mel, cfg.chunk_mel, 2 * cfg.overlap_mel
         self.static_vocoder_frames = {first, min(tail, first) + chunk, tail + chunk}
         self.dit_calls = 0  # DiT forward passes so far (a CFG pair, one batched pass, counts once)
+        self._modulations: dict[tuple[str, int], Modulation] = {}  # per (solver, num_steps): fixed times
 
     @classmethod
     def from_checkpoint(
@@ -128,6 +130,10 @@ class Code2Wav:
     def ready(self, stream: Code2WavStream) -> bool:
         """Whether `decode` would emit audio for the stream now."""
         return plan_next(stream, self.config) is not None
+
+    def codes_needed(self, stream: Code2WavStream) -> int:
+        """Codes the stream still needs before its next chunk can be decoded (0 once it has them)."""
+        return max(0, self.config.codes_for_chunk(stream.chunks_done) - len(stream.codes))
 
     @torch.no_grad()
     def one_shot(
@@ -241,20 +247,33 @@ class Code2Wav:
             torch.cat([e.null_spk for e in entries]) if guided else None,
             per_row_masks=static,
         )
-        times = torch.linspace(0, 1, num_steps, device=self.device, dtype=torch.float32)
-        times = times + cfg.sway_coefficient * (torch.cos(torch.pi / 2 * times) - 1 + times)
+        times = self._times(num_steps)
+        modulation = self._modulation(solver, num_steps)
         self.dit_calls += dit_calls(solver, num_steps)
         unique = list({id(mask): mask for mask in inputs.masks}.values())
         layer_mask = [next(i for i, m in enumerate(unique) if m is mask) for mask in inputs.masks]
 
         def solve(x: torch.Tensor, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *masks: torch.Tensor):
             fixed = DiTInputs(context, [masks[i] for i in layer_mask], cos, sin)
-            return integrate(lambda t, y: self.dit.velocity(y, t, fixed, cfg.guidance_scale), x, times, solver)
+            velocity = functools.partial(self.dit.velocity, inputs=fixed, modulation=modulation)
+            return integrate(lambda k, y: velocity(y, k, guidance_scale=cfg.guidance_scale), x, times, solver)
 
         tensors = [x0, inputs.context, inputs.cos, inputs.sin, *unique]
         if not static:
             return solve(*tensors)
         return self.static.run(("dit", *x0.shape, guided, solver, num_steps), solve, tensors)
+
+    def _times(self, num_steps: int) -> torch.Tensor:
+        """The solve's time grid: transformers' sway sampling of [0, 1]."""
+        times = torch.linspace(0, 1, num_steps, device=self.device, dtype=torch.float32)
+        return times + self.config.sway_coefficient * (torch.cos(torch.pi / 2 * times) - 1 + times)
+
+    def _modulation(self, solver: str, num_steps: int) -> Modulation:
+        """The DiT's time conditioning at every evaluation of a solve, computed once per solver and grid."""
+        key = (solver, num_steps)
+        if key not in self._modulations:
+            self._modulations[key] = self.dit.modulation(stage_times(self._times(num_steps), solver))
+        return self._modulations[key]
 
     def _speaker(self, name: str) -> Speaker:
         if name not in self.speakers:
@@ -267,22 +286,35 @@ def dit_calls(solver: str, num_steps: int) -> int:
     return (num_steps - 1) * (4 if solver == "rk4" else 1)
 
 
-def integrate(
-    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, times: torch.Tensor, solver: str
-) -> torch.Tensor:
-    """x at times[-1]: fixed-grid Euler, or RK4 with the 3/8 rule (torchdiffeq's "rk4", transformers' solver)."""
+def stage_times(times: torch.Tensor, solver: str) -> torch.Tensor:
+    """The times [S] at which `integrate` evaluates f, in its order of evaluation."""
     if solver not in SOLVERS or len(times) < 2:
         raise ValueError(f"need a solver in {SOLVERS} and at least 2 time points, got {solver!r}, {len(times)}")
+    if solver == "euler":
+        return times[:-1]
+    stages = [(t0, t0 + (t1 - t0) * (1 / 3), t0 + (t1 - t0) * (2 / 3), t1) for t0, t1 in itertools.pairwise(times)]
+    return torch.stack([t for stage in stages for t in stage])
+
+
+def integrate(
+    f: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor, times: torch.Tensor, solver: str
+) -> torch.Tensor:
+    """x at times[-1]: fixed-grid Euler, or RK4 with the 3/8 rule (torchdiffeq's "rk4", transformers' solver).
+
+    f(k, y) is the velocity at y and the k-th of `stage_times(times, solver)`.
+    """
+    stage_times(times, solver)  # checks the solver and the grid
+    k = 0
     for t0, t1 in itertools.pairwise(times):
         dt = t1 - t0
         if solver == "euler":
-            x = x + dt * f(t0, x)
+            x, k = x + dt * f(k, x), k + 1
             continue
-        k1 = f(t0, x)
-        k2 = f(t0 + dt * (1 / 3), x + dt * k1 * (1 / 3))
-        k3 = f(t0 + dt * (2 / 3), x + dt * (k2 - k1 * (1 / 3)))
-        k4 = f(t1, x + dt * (k1 - k2 + k3))
-        x = x + (k1 + 3 * (k2 + k3) + k4) * dt / 8
+        k1 = f(k, x)
+        k2 = f(k + 1, x + dt * k1 * (1 / 3))
+        k3 = f(k + 2, x + dt * (k2 - k1 * (1 / 3)))
+        k4 = f(k + 3, x + dt * (k1 - k2 + k3))
+        x, k = x + (k1 + 3 * (k2 + k3) + k4) * dt / 8, k + 4
     return x
 
 

@@ -17,10 +17,19 @@ from omnitalk.codecs.ecapa import ECAPA
 class DiTInputs:
     """Everything but x_t and t, built once per ODE solve. Rows: conditional streams, then unconditional."""
 
-    context: torch.Tensor  # [2B, L, enc_dim + emb_dim + enc_emb_dim], concatenated after x_t
+    context: torch.Tensor  # [2B, L, hidden]: the input projection of all but x_t (speaker, codes, x-vector), bias in
     masks: list[torch.Tensor]  # per layer, bool [2B or 1, 1, L, L]: which keys each query may see
     cos: torch.Tensor  # [L, head_dim] RoPE of positions 0..L-1 (window-relative)
     sin: torch.Tensor
+
+
+@dataclass(slots=True)
+class Modulation:
+    """The time conditioning of every DiT evaluation of one ODE solve (it depends on t alone, and the times
+    are fixed): row s of each tensor is the s-th evaluation time's."""
+
+    blocks: list[torch.Tensor]  # per block [S, 6, hidden]: attention shift, 1 + scale, gate; the same for the MLP
+    out: torch.Tensor  # [S, 2, hidden]: the output norm's 1 + scale, shift
 
 
 class TimestepEmbedding(nn.Module):
@@ -84,13 +93,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class AdaNorm(nn.Module):
     """LayerNorm without affine whose shift/scale (and gates) come from the time embedding."""
 
-    def __init__(self, dim: int, chunks: int) -> None:
+    def __init__(self, dim: int, chunks: int, scales: tuple[int, ...]) -> None:
         super().__init__()
-        self.chunks = chunks
+        self.chunks, self.scales = chunks, scales
         self.linear = nn.Linear(dim, dim * chunks)
 
-    def forward(self, t_emb: torch.Tensor) -> list[torch.Tensor]:
-        return [c.unsqueeze(1) for c in torch.chunk(self.linear(F.silu(t_emb)), self.chunks, dim=1)]
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        """[S, chunks, dim] for the time embeddings [S, dim], 1 already added to the scale chunks."""
+        out = self.linear(F.silu(t_emb)).unflatten(1, (self.chunks, -1))
+        out[:, list(self.scales)] += 1
+        return out
 
 
 class FeedForward(nn.Module):
@@ -109,20 +121,20 @@ class DiTBlock(nn.Module):
         super().__init__()
         dim = cfg["hidden_size"]
         self.look_back, self.look_ahead = look_back, look_ahead
-        self.attn_norm = AdaNorm(dim, 6)
+        self.attn_norm = AdaNorm(dim, 6, scales=(1, 4))
         self.attn = Attention(dim, cfg["num_attention_heads"], cfg["head_dim"])
         self.ff = FeedForward(dim, cfg["ff_mult"])
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, inputs: DiTInputs, mask: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t_emb)
-        norm = _layer_norm(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self.attn(norm, inputs.cos, inputs.sin, mask)
-        norm = _layer_norm(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.ff(norm)
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, inputs: DiTInputs, mask: torch.Tensor) -> torch.Tensor:
+        """`mod` [6, hidden]: this evaluation time's row of `Modulation.blocks`."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x = torch.addcmul(x, gate_msa, self.attn(_layer_norm(x, scale_msa, shift_msa), inputs.cos, inputs.sin, mask))
+        return torch.addcmul(x, gate_mlp, self.ff(_layer_norm(x, scale_mlp, shift_mlp)))
 
 
-def _layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+def _layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(x) * scale + shift with scale and shift [hidden], shared by every row (one t per call)."""
+    return F.layer_norm(x, x.shape[-1:], scale, shift, eps=1e-6)
 
 
 class DiT(nn.Module):
@@ -137,7 +149,7 @@ class DiT(nn.Module):
         self.transformer_blocks = nn.ModuleList(
             DiTBlock(cfg, int(i in back), int(i in ahead)) for i in range(cfg["num_hidden_layers"])
         )
-        self.norm_out = AdaNorm(cfg["hidden_size"], 2)
+        self.norm_out = AdaNorm(cfg["hidden_size"], 2, scales=(0,))
         self.proj_out = nn.Linear(cfg["hidden_size"], cfg["mel_dim"])
         head_dim, theta = cfg["head_dim"], cfg["rope_parameters"]["rope_theta"]
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -174,12 +186,19 @@ class DiT(nn.Module):
         context = torch.cat(
             [spk.unsqueeze(1).expand(-1, frames, -1), code_emb, cond.unsqueeze(1).expand(-1, frames, -1)], dim=-1
         )
+        proj = self.input_embed.proj
+        context = F.linear(context, proj.weight[:, self.mel_dim :], proj.bias)  # x_t's columns come first
         positions = torch.arange(frames, device=codes.device, dtype=torch.float)
         angles = positions[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
         masks = self._masks(frames, lengths, codes.device, uncond_spk is not None, per_row_masks)
         per_layer = [masks[b.look_back, b.look_ahead] for b in self.transformer_blocks]
         return DiTInputs(context, per_layer, angles.cos().to(context.dtype), angles.sin().to(context.dtype))
+
+    def modulation(self, times: torch.Tensor) -> Modulation:
+        """The time conditioning at the evaluation times [S] of a solve, all at once."""
+        t_emb = self.time_embed(times)
+        return Modulation([block.attn_norm(t_emb) for block in self.transformer_blocks], self.norm_out(t_emb))
 
     def _masks(
         self, frames: int, lengths: list[int], device: torch.device, doubled: bool, per_row: bool
@@ -202,20 +221,24 @@ class DiT(nn.Module):
                 masks[key] = mask.unsqueeze(1)
         return masks
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
-        """x [R, L, mel] (R = rows of `inputs`), t a scalar tensor -> predicted velocity [R, L, mel]."""
-        t_emb = self.time_embed(t)
-        h = self.input_embed.proj(torch.cat([x, inputs.context], dim=-1))
-        for block, mask in zip(self.transformer_blocks, inputs.masks, strict=True):
-            h = block(h, t_emb, inputs, mask)
-        scale, shift = self.norm_out(t_emb)
-        return self.proj_out(_layer_norm(h) * (1 + scale) + shift)
+    def forward(self, x: torch.Tensor, stage: int, inputs: DiTInputs, modulation: Modulation) -> torch.Tensor:
+        """x [B, L, mel] at the `stage`-th time of `modulation` -> predicted velocity [R, L, mel] for the R rows
+        of `inputs` (B, or 2B with guidance: both halves see the same x, so it is projected once)."""
+        proj = self.input_embed.proj
+        h = inputs.context.unflatten(0, (-1, x.shape[0])) + F.linear(x, proj.weight[:, : self.mel_dim])
+        h = h.flatten(0, 1)
+        for block, mod, mask in zip(self.transformer_blocks, modulation.blocks, inputs.masks, strict=True):
+            h = block(h, mod[stage], inputs, mask)
+        scale, shift = modulation.out[stage]
+        return self.proj_out(_layer_norm(h, scale, shift))
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, inputs: DiTInputs, guidance_scale: float) -> torch.Tensor:
+    def velocity(
+        self, x: torch.Tensor, stage: int, inputs: DiTInputs, modulation: Modulation, guidance_scale: float
+    ) -> torch.Tensor:
         """The guided velocity v = c + g (c - u) for the ODE state x [B, L, mel], in fp32 whatever the weights'
         dtype: the state and the guidance difference keep fp32, only the network runs in the weights' dtype."""
-        h = x.to(inputs.context.dtype)
-        if inputs.context.shape[0] == x.shape[0]:
-            return self(h, t, inputs).float()
-        cond, null = torch.chunk(self(torch.cat([h, h], dim=0), t, inputs).float(), 2, dim=0)
+        out = self(x.to(inputs.context.dtype), stage, inputs, modulation).float()
+        if out.shape[0] == x.shape[0]:
+            return out
+        cond, null = torch.chunk(out, 2, dim=0)
         return cond + (cond - null) * guidance_scale

@@ -17,7 +17,7 @@ from omnitalk.codecs.code2wav import Code2Wav
 from omnitalk.codecs.streaming import Code2WavStream, StreamingConfig
 from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.speech.config import SpeechConfig
-from omnitalk.engine.speech.policy import Candidate, PlaybackClock, Work, choose
+from omnitalk.engine.speech.policy import Candidate, Costs, PlaybackClock, Work, choose, talker_bound
 from omnitalk.engine.talker.runner import Talker
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.talker.sequence import TalkerSequence
@@ -50,10 +50,10 @@ class SpeechStats:
     code2wav_batches: int = 0
     code2wav_rows: int = 0
     dit_calls: int = 0
-    worst_talker_wait_s: float = 0.0  # longest a talker-ready stream waited for the next talker step
+    worst_talker_wait_s: float = 0.0  # longest a talker-bound stream (policy.talker_bound) waited for a step
 
 
-CODE2WAV_COST_EMA = 0.3  # weight of the newest batch in the predicted Code2Wav cost per row
+COST_EMA = 0.3  # weight of the newest measurement in the predicted costs (Code2Wav per row, talker step)
 
 
 def streaming_config(config: SpeechConfig) -> StreamingConfig:
@@ -91,8 +91,8 @@ class SpeechEngine:
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[str] = []  # opened, not yet in the talker (admitted by deadline, none overtaking)
         self._stats = SpeechStats()
-        self._talker_wait_from: float | None = None  # since when a talker-ready stream waits for a step
-        self._code2wav_row_s = 0.0  # predicted Code2Wav cost per row, from measured batches
+        self._talker_wait_from: float | None = None  # since when a talker-bound stream waits for a step
+        self._costs = Costs()  # predicted from measured batches and steps
         self._stopping = False
         self.num_failures = 0  # times the thread failed and restarted in place
         self._thread = threading.Thread(target=self._run, name="omnitalk-speech", daemon=True)
@@ -220,10 +220,10 @@ class SpeechEngine:
 
     def _choose(self) -> tuple[Work, list[str]] | None:
         candidates, now = self._candidates(), self._now()
-        if self._talker_wait_from is None and any(c.talker_ready for c in candidates):
+        if self._talker_wait_from is None and talker_bound(candidates):
             self._talker_wait_from = now
         waited = 0.0 if self._talker_wait_from is None else now - self._talker_wait_from
-        return choose(candidates, self.max_batch, now, self._code2wav_row_s, waited)
+        return choose(candidates, self.max_batch, now, self._costs, waited)
 
     def _drain(self, block: bool) -> list[_Command]:
         commands = [self._inbox.get()] if block else []
@@ -287,6 +287,7 @@ class SpeechEngine:
                 talker_ready=s.seq.slot is not None and s.seq.ready,
                 code2wav_ready=self.code2wav.ready(s.audio),
                 playing=s.clock.first_audio_at is not None,
+                codes_needed=self.code2wav.codes_needed(s.audio),
             )
             for key, s in self._streams.items()
         ]
@@ -298,6 +299,7 @@ class SpeechEngine:
             if work is Work.TALKER_STEP:
                 self._count_talker_step(started)
                 codes = self.talker.step([s.seq for s in streams])
+                self._costs = replace(self._costs, talker_step_s=_ema(self._costs.talker_step_s, self._now() - started))
                 for stream, code in zip(streams, codes, strict=True):
                     if code is not None:
                         stream.audio.push([code])
@@ -327,9 +329,7 @@ class SpeechEngine:
     def _count_code2wav(self, rows: int, seconds: float) -> None:
         self._stats.code2wav_batches += 1
         self._stats.code2wav_rows += rows
-        per_row = seconds / rows
-        previous = self._code2wav_row_s
-        self._code2wav_row_s = per_row if previous == 0 else previous + CODE2WAV_COST_EMA * (per_row - previous)
+        self._costs = replace(self._costs, code2wav_row_s=_ema(self._costs.code2wav_row_s, seconds / rows))
 
     def _after_talker(self, stream: _Stream) -> None:
         if stream.seq.finished and not stream.audio.finished:
@@ -352,3 +352,7 @@ class SpeechEngine:
         if stream is not None:
             self.talker.free(stream.seq)
             self._admit()
+
+
+def _ema(previous: float, value: float) -> float:
+    return value if previous == 0 else previous + COST_EMA * (value - previous)

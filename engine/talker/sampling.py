@@ -51,16 +51,18 @@ def sample(
 
     `seen` [B, V] marks the codes each row's penalty covers; `seeds` [B, 2] are `seed_words`; `steps` [B]
     count each request's draws so far. Greedy rows take the argmax; sampled rows the Gumbel-max of their
-    warped scores, which is an exact draw from their softmax.
+    warped scores, which is an exact draw from their softmax. Only the codes top-k keeps are warped and
+    drawn from (a few dozen, not the vocabulary), and their noise is the same as over the whole vocabulary.
     """
     scores = penalised(logits, seen, params, suppress)
-    greedy = scores.argmax(-1)
-    if all(p.temperature == 0 for p in params):
-        return greedy
-    noise = gumbel(seeds, steps, scores.shape[-1])
-    drawn = (warp(scores, params) + noise).argmax(-1)
-    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=scores.device)
-    return torch.where(is_greedy, greedy, drawn)
+    greedy = [p.temperature == 0 for p in params]
+    if all(greedy):
+        return scores.argmax(-1)
+    warped, codes = warp(scores, params)
+    drawn = codes.gather(1, (warped + gumbel(seeds, steps, codes)).argmax(-1, keepdim=True))[:, 0]
+    if not any(greedy):
+        return drawn
+    return torch.where(torch.tensor(greedy, device=scores.device), scores.argmax(-1), drawn)
 
 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, params: list[TalkerSampling], suppress: list[int]):
@@ -72,26 +74,36 @@ def penalised(logits: torch.Tensor, seen: torch.Tensor, params: list[TalkerSampl
     return scores
 
 
-def warp(scores: torch.Tensor, params: list[TalkerSampling]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, each per row, with transformers' warpers' exact comparisons.
-    Greedy rows (temperature 0) are warped at temperature 1; `sample` ignores them."""
+def warp(scores: torch.Tensor, params: list[TalkerSampling]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, then top-k, then top-p, each per row, with transformers' warpers' exact comparisons, on
+    the candidates top-k can keep: (warped scores [B, K], their codes [B, K]), -inf where a warper drops one.
+
+    K is the largest row's top-k, widened to keep scores tied with a row's k-th (transformers keeps ties);
+    a row without top-k makes it the vocabulary. Greedy rows are warped at temperature 1; `sample` ignores them.
+    """
     scores = scores / scores.new_tensor([p.temperature or 1.0 for p in params])[:, None]
     vocab = scores.shape[-1]
-    top_k = [min(p.top_k, vocab) or vocab for p in params]
-    kth = torch.topk(scores, max(top_k)).values.gather(1, torch.tensor(top_k, device=scores.device)[:, None] - 1)
-    scores = scores.masked_fill(scores < kth, -torch.inf)
-    sorted_scores, order = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(-1).cumsum(-1)
+    top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=scores.device)[:, None]
+    widest = int(top_k.max())
+    values, codes = torch.topk(scores, min(widest + 1, vocab))  # descending; one more, to see ties past it
+    kth = values.gather(1, top_k - 1)
+    if values.shape[1] > widest and bool((values[:, -1:] >= kth).any()):
+        values, codes = torch.topk(scores, int((scores >= kth).sum(-1).max()))
+    elif values.shape[1] > widest:
+        values, codes = values[:, :widest], codes[:, :widest]
+    values = values.masked_fill(values < kth, -torch.inf).flip(-1)  # ascending, as transformers' top-p sorts
+    codes = codes.flip(-1)
+    cumulative = values.softmax(-1).cumsum(-1)
     threshold = scores.new_tensor([1 - p.top_p for p in params])[:, None]  # 1 - p in float64, as transformers
     drop = (cumulative <= threshold) & torch.tensor([p.top_p < 1 for p in params], device=scores.device)[:, None]
     drop[:, -1] = False  # keep at least one
-    return scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
+    return values.masked_fill(drop, -torch.inf), codes
 
 
-def gumbel(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Standard Gumbel noise [B, V] (fp32), a pure function of (seed, step, code)."""
+def gumbel(seeds: torch.Tensor, steps: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise [B, N] (fp32) for the codes [B, N] (long), a pure function of (seed, step, code)."""
     key = _mix(seeds[:, 0] ^ _mix(seeds[:, 1] ^ _mix(steps)))
-    bits = _mix(key[:, None] ^ _mix(torch.arange(vocab, device=seeds.device)))
+    bits = _mix(key[:, None] ^ _mix(codes))
     uniform = ((bits >> 8).float() + 0.5) / 2**24  # 24 bits, strictly inside (0, 1)
     return -torch.log(-torch.log(uniform))
 

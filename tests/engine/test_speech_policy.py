@@ -11,6 +11,7 @@ from omnitalk.engine.speech.policy import (
     SAMPLE_RATE,
     STEP_AUDIO_S,
     Candidate,
+    Costs,
     PlaybackClock,
     Work,
     choose,
@@ -67,11 +68,23 @@ def test_a_code2wav_batch_is_cut_to_the_pause_the_talking_streams_can_afford():
     ]
     talking = Candidate("talking", deadline=now + 0.4, talker_ready=True, code2wav_ready=False, playing=True)
     assert pause_bound([*due, talking], now) == pytest.approx(0.2)  # half its 0.4 s of buffered audio
-    work, keys = choose([*due, talking], max_batch=64, now=now, code2wav_row_s=0.05)
-    assert work is Work.CODE2WAV and keys == [f"due{i}" for i in range(4)]  # 4 x 50 ms fits in 200 ms
+    work, keys = choose([*due, talking], max_batch=64, now=now, costs=Costs(code2wav_row_s=0.05))
+    # its margin is the slack less its own next row: half of 0.35 s holds 3 rows of 50 ms
+    assert work is Work.CODE2WAV and keys == [f"due{i}" for i in range(3)]
     # without a stream waiting for the talker, or before any cost is measured, the batch is not cut
-    assert choose(due, max_batch=64, now=now, code2wav_row_s=0.05) == (Work.CODE2WAV, [c.key for c in due])
+    assert choose(due, max_batch=64, now=now, costs=Costs(code2wav_row_s=0.05)) == (Work.CODE2WAV, [c.key for c in due])
     assert len(choose([*due, talking], max_batch=64, now=now)[1]) == 8
+
+
+def test_the_margin_counts_what_the_next_chunk_still_costs():
+    """0.4 s of slack, 10 codes of 10 ms and a 100 ms row to go: 0.2 s of margin, half of it to Code2Wav."""
+    now, costs = 10.0, Costs(code2wav_row_s=0.1, talker_step_s=0.01)
+    talking = Candidate("talking", now + 0.4, talker_ready=True, code2wav_ready=False, playing=True, codes_needed=10)
+    assert pause_bound([talking], now, costs) == pytest.approx(0.1)
+    due = [Candidate(f"due{i}", now + 0.1, talker_ready=True, code2wav_ready=True, playing=True) for i in range(3)]
+    assert pause_bound(due, now, costs) == math.inf  # waiting for Code2Wav, not for the talker
+    assert choose([*due, talking], max_batch=8, now=now, costs=costs) == (Work.CODE2WAV, ["due0"])
+    assert choose(due, max_batch=8, now=now, costs=costs) == (Work.CODE2WAV, ["due0", "due1", "due2"])
 
 
 def test_the_pause_bound_has_a_floor_and_one_row_always_runs():
@@ -79,10 +92,20 @@ def test_the_pause_bound_has_a_floor_and_one_row_always_runs():
     due = [Candidate(f"due{i}", deadline=now - 1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(6)]
     starting = Candidate("starting", deadline=now - 0.5, talker_ready=True, code2wav_ready=False)
     assert pause_bound([*due, starting], now) == math.inf  # not playing yet: it cannot underrun
+    tight = Candidate("tight", deadline=now + 0.03, talker_ready=True, code2wav_ready=False, playing=True)
+    assert pause_bound([*due, tight], now) == STEP_AUDIO_S  # 15 ms is under the floor, one step's audio
+    assert choose([*due, tight], max_batch=64, now=now, costs=Costs(0.005))[1] == ["due0", "due1", "due2", "due3"]
+    roomy = Candidate("roomy", deadline=now + 2.0, talker_ready=True, code2wav_ready=False, playing=True)
+    assert choose([*due, roomy], max_batch=64, now=now, costs=Costs(1.0))[1] == ["due0"]  # 0.5 s: under a row
+
+
+def test_a_stream_already_late_does_not_cut_batches():
+    """Behind whatever runs now: cutting would only slow every stream, itself included, by more small batches."""
+    now = 5.0
+    due = [Candidate(f"due{i}", deadline=now - 1 + i / 100, talker_ready=False, code2wav_ready=True) for i in range(6)]
     late = Candidate("late", deadline=now - 0.5, talker_ready=True, code2wav_ready=False, playing=True)
-    assert pause_bound([*due, late], now) == STEP_AUDIO_S  # already behind: the floor, one step's audio
-    assert choose([*due, late], max_batch=64, now=now, code2wav_row_s=0.005)[1] == ["due0", "due1", "due2", "due3"]
-    assert choose([*due, late], max_batch=64, now=now, code2wav_row_s=1.0)[1] == ["due0"]
+    assert pause_bound([*due, late], now) == math.inf
+    assert choose([*due, late], max_batch=64, now=now, costs=Costs(1.0)) == (Work.CODE2WAV, [c.key for c in due])
 
 
 def test_speech_settings_choose_code2wav_windows_and_solver():
@@ -98,8 +121,9 @@ def test_once_the_talker_has_waited_the_bound_it_steps_before_more_code2wav():
     now = 50.0
     due = Candidate("due", deadline=now + 0.05, talker_ready=False, code2wav_ready=True)
     talking = Candidate("talking", deadline=now + 0.3, talker_ready=True, code2wav_ready=False, playing=True)
-    assert choose([due, talking], max_batch=8, now=now, code2wav_row_s=0.01, talker_waited_s=0.1)[0] is Work.CODE2WAV
-    assert choose([due, talking], max_batch=8, now=now, code2wav_row_s=0.01, talker_waited_s=0.15) == (
+    costs = Costs(code2wav_row_s=0.01)
+    assert choose([due, talking], max_batch=8, now=now, costs=costs, talker_waited_s=0.1)[0] is Work.CODE2WAV
+    assert choose([due, talking], max_batch=8, now=now, costs=costs, talker_waited_s=0.15) == (
         Work.TALKER_STEP,
         ["talking"],
     )

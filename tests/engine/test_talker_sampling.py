@@ -40,7 +40,8 @@ def test_warped_scores_equal_transformers_processors():
     logits = 3 * torch.randn(len(params), VOCAB, generator=generator)
     history = torch.randint(0, VOCAB, (len(params), 50), generator=generator)
     seen = torch.zeros(len(params), VOCAB, dtype=torch.bool).scatter_(1, history, True)
-    ours = warp(penalised(logits, seen, params, [BOS]), params)
+    warped, codes = warp(penalised(logits, seen, params, [BOS]), params)
+    ours = torch.full_like(logits, -torch.inf).scatter(1, codes, warped)  # the candidates back in the vocabulary
     for row, p in enumerate(params):
         expected = processed_by_transformers(logits[row], history[row], p)
         assert torch.equal(ours[row].isinf(), expected.isinf())
@@ -86,8 +87,10 @@ def test_seeds_are_per_request_within_one_batch():
 
 def test_gumbel_noise_is_a_function_of_seed_step_and_code():
     seeds = torch.tensor([seed_words(3), seed_words(3), seed_words(2**40 + 3)])
-    noise = gumbel(seeds, torch.tensor([5, 6, 5]), 1000)
-    assert torch.equal(noise[0], gumbel(seeds[:1], torch.tensor([5]), 1000)[0])
+    codes = torch.arange(1000).expand(3, -1)
+    noise = gumbel(seeds, torch.tensor([5, 6, 5]), codes)
+    assert torch.equal(noise[0], gumbel(seeds[:1], torch.tensor([5]), codes[:1])[0])
+    assert torch.equal(noise[0, 10:20], gumbel(seeds[:1], torch.tensor([5]), codes[:1, 10:20])[0])  # any subset
     assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])  # the high word counts
     assert noise.isfinite().all() and abs(noise.mean().item() - 0.5772) < 0.05  # the Euler-Mascheroni constant
 
@@ -97,3 +100,12 @@ def test_a_fresh_seed_when_none_is_given():
     assert seed_words(-1) == (2**32 - 1, 2**32 - 1)
     with pytest.raises(ValueError, match="bad sampling"):
         TalkerSampling(top_p=0)
+
+
+def test_top_k_keeps_scores_tied_with_the_kth_as_transformers():
+    logits = torch.tensor([[5.0, 3.0, 4.0, 3.0, 1.0, 3.0, 0.0, 3.0]])
+    p = TalkerSampling(temperature=1.0, top_k=3, top_p=1.0, repetition_penalty=1.0)
+    warped, codes = warp(penalised(logits, torch.zeros_like(logits, dtype=torch.bool), [p], []), [p])
+    ours = torch.full_like(logits, -torch.inf).scatter(1, codes, warped)
+    expected = TopKLogitsWarper(3)(None, logits.clone())
+    assert torch.equal(ours, expected) and ours.isfinite().sum() == 6  # 5, 4 and the four 3s
