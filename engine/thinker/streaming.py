@@ -95,6 +95,7 @@ class ThinkerIngest:
         self._progress = asyncio.Condition()
         self._closed = False
         self._finishing = False
+        self.fallback: str | None = None  # why `finish` answered the conversation sent at once; None: it did not
 
     @property
     def prefilled_blocks(self) -> int:
@@ -187,9 +188,8 @@ class ThinkerIngest:
         request = ThinkerRequest(self.request_id, conversation, sampling, hidden_states=self._hidden)
         features = clip_features(samples, self._num_mels)
         await self._wait_for(lambda: self._in_flight is None)
-        exact = self._blocks.matches(features) and audio_token_count(len(samples)) > 0
-        live = not self._closed and self._pump is not None and not self._pump.done()
-        if sampling.stop or sampling.json_schema is not None or not exact or not live:
+        self.fallback = self._fallback(sampling, features)
+        if self.fallback is not None:
             await self.close()
             async for event in self._engine.generate(request):
                 yield event
@@ -200,6 +200,19 @@ class ThinkerIngest:
                 yield event
         finally:
             await self.close()
+
+    def _fallback(self, sampling: Sampling, features: torch.Tensor) -> str | None:
+        if self._closed or self._pump is None or self._pump.done():
+            return "the session ended before the turn"
+        if sampling.stop:
+            return "stop strings"  # vLLM refuses them on streaming input
+        if sampling.json_schema is not None:
+            return "structured output"  # a grammar set on a session's last chunk is not what vLLM tests
+        if audio_token_count(features.shape[1] * HOP) == 0:
+            return "no audio"  # too short for one token: the request sent at once says so in its error
+        if not self._blocks.matches(features):
+            return "a later block moved the clamp"
+        return None
 
     def _send_last(self, features: torch.Tensor, request: ThinkerRequest) -> None:
         rest = features[:, self._blocks_done * BLOCK_FRAMES :]

@@ -134,16 +134,20 @@ async def at_once(engine: ThinkerEngine, request_id: str, history, samples: np.n
     return summary(await drain(engine.generate(request)))
 
 
-async def ingested(engine: ThinkerEngine, request_id: str, history, samples: np.ndarray, sampling: Sampling):
-    """Appends the audio in 100 ms pieces, letting each complete block's prefill finish (as real time would),
-    then ends the turn; returns the answer's summary and the blocks prefilled when the turn ended."""
+async def ingested(engine: ThinkerEngine, request_id: str, history, samples: np.ndarray, sampling: Sampling, *,
+                   real_time: bool = True):  # fmt: skip
+    """Appends the audio in 100 ms pieces, letting each complete block's prefill finish (as real time would;
+    else all at once, so blocks queue behind the one in flight), then ends the turn; returns the answer's
+    summary and the blocks prefilled when the turn ended."""
     ingest = ThinkerIngest(engine, request_id, history, hidden_states=True)
     await bounded(ingest.start())
     for start in range(0, len(samples), PIECE):
         ingest.push_audio(samples[start : start + PIECE])
-        await bounded(ingest.wait_prefilled(ingest.pushed_blocks))
+        if real_time:
+            await bounded(ingest.wait_prefilled(ingest.pushed_blocks))
     prefilled = ingest.prefilled_blocks
     events = await drain(ingest.finish(sampling))
+    assert ingest.fallback == (None if not sampling.stop else "stop strings")
     return summary(events), prefilled
 
 
@@ -172,6 +176,15 @@ async def test_an_ingested_turn_answers_as_the_conversation_sent_at_once(thinker
     streamed, prefilled = await ingested(thinker, f"ingest-{seconds}", history, samples, sampling)
     assert prefilled == complete_blocks(samples) == int(seconds) // 2
     assert_same_answer(streamed, await at_once(thinker, f"whole-{seconds}", history, samples, sampling))
+
+
+async def test_blocks_still_queued_at_the_turns_end_travel_with_the_last_chunk(thinker):
+    """Audio faster than the prefill: whatever was not yet sent goes in the final chunk, same answer."""
+    samples = tone(9.3, hz=300.0, seed=4)
+    sampling = Sampling(max_tokens=MAX_TOKENS)
+    streamed, prefilled = await ingested(thinker, "ingest-backlog", (SYSTEM,), samples, sampling, real_time=False)
+    assert prefilled < complete_blocks(samples)
+    assert_same_answer(streamed, await at_once(thinker, "whole-backlog", (SYSTEM,), samples, sampling))
 
 
 async def assert_released(engine: ThinkerEngine) -> None:
