@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnitalk.engine.request import Audio, Message, Sampling, ThinkerRequest
+from omnitalk.engine.request import Audio, Message, Text, ThinkerRequest
 from omnitalk.engine.thinker import rows as wire
 from omnitalk.engine.thinker.engine import (
     ThinkerEngine,
@@ -64,12 +64,33 @@ def prefill_params(tap: str | None):
     return SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.DELTA, extra_args=extra)
 
 
+def same_messages(a: tuple[Message, ...], b: tuple[Message, ...]) -> bool:
+    """Equal conversations: audio by its samples, images and videos by identity (they are the session's own)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.role != y.role or len(x.content) != len(y.content):
+            return False
+        for p, q in zip(x.content, y.content, strict=True):
+            if type(p) is not type(q):
+                return False
+            if isinstance(p, Audio):
+                if not np.array_equal(p.samples, q.samples):
+                    return False
+            elif isinstance(p, Text):
+                if p != q:
+                    return False
+            elif p is not q:
+                return False
+    return True
+
+
 class ThinkerIngest:
     """One user turn of audio, prefilled into the thinker block by block before the turn ends.
 
     `history` is the conversation before the new user message, which holds the audio only. `start` once, then
-    `push_audio` any number of times, then `finish` once, or `close` at any time (idempotent; `finish` closes
-    on its own when its stream ends or is left).
+    `push_audio` any number of times, then `finish(request)` once, or `close` at any time (idempotent; `finish`
+    closes on its own when its stream ends or is left).
     """
 
     def __init__(self, engine: ThinkerEngine, request_id: str, history: tuple[Message, ...], *, hidden_states: bool):
@@ -180,15 +201,14 @@ class ThinkerIngest:
         async with self._progress:
             await self._progress.wait_for(lambda: predicate() or self._pump is None or self._pump.done())
 
-    async def finish(self, sampling: Sampling) -> AsyncIterator[ThinkerEvent]:
-        """The turn's answer, as `ThinkerEngine.generate` would stream it for the whole conversation."""
+    async def finish(self, request: ThinkerRequest) -> AsyncIterator[ThinkerEvent]:
+        """Streams what `ThinkerEngine.generate(request)` would: from the session when `request` is the history
+        plus a user message of the audio pushed (and wants rows as the session does), else from `request` sent
+        at once under its own id."""
         self._finishing = True
-        samples = self._blocks.samples
-        conversation = (*self._history, Message("user", (Audio(samples),)))
-        request = ThinkerRequest(self.request_id, conversation, sampling, hidden_states=self._hidden)
-        features = clip_features(samples, self._num_mels)
+        features = clip_features(self._blocks.samples, self._num_mels)
         await self._wait_for(lambda: self._in_flight is None)
-        self.fallback = self._fallback(sampling, features)
+        self.fallback = self._fallback(request, features)
         if self.fallback is not None:
             await self.close()
             async for event in self._engine.generate(request):
@@ -201,12 +221,16 @@ class ThinkerIngest:
         finally:
             await self.close()
 
-    def _fallback(self, sampling: Sampling, features: torch.Tensor) -> str | None:
+    def _fallback(self, request: ThinkerRequest, features: torch.Tensor) -> str | None:
         if self._closed or self._pump is None or self._pump.done():
             return "the session ended before the turn"
-        if sampling.stop:
+        turn = Message("user", (Audio(self._blocks.samples),))
+        same = request.hidden_states == self._hidden and not request.use_audio_in_video
+        if not same or not same_messages(request.messages, (*self._history, turn)):
+            return "the conversation is not the one ingested"
+        if request.sampling.stop:
             return "stop strings"  # vLLM refuses them on streaming input
-        if sampling.json_schema is not None:
+        if request.sampling.json_schema is not None:
             return "structured output"  # a grammar set on a session's last chunk is not what vLLM tests
         if audio_token_count(features.shape[1] * HOP) == 0:
             return "no audio"  # too short for one token: the request sent at once says so in its error

@@ -5,6 +5,7 @@ Every await is bounded, so that a hang fails in a minute instead of stalling the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 import torch
 from thinker_cases import tone
 
+from omnitalk.engine.omni import AudioDelta, Finished, OmniEngine, OmniRequest, Speech, TextDelta
 from omnitalk.engine.request import Audio, Message, Sampling, Text, ThinkerRequest
+from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerEngine
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.features import BLOCK_SAMPLES, LOOKAHEAD, clip_features
@@ -128,10 +131,13 @@ def summary(events) -> tuple[list[int], torch.Tensor | None, list[int], torch.Te
     return events[0].prompt_token_ids, events[0].positions, generated, rows
 
 
-async def at_once(engine: ThinkerEngine, request_id: str, history, samples: np.ndarray, sampling: Sampling):
+def turn_request(request_id: str, history, samples: np.ndarray, sampling: Sampling) -> ThinkerRequest:
     conversation = (*history, Message("user", (Audio(samples),)))
-    request = ThinkerRequest(request_id, conversation, sampling, hidden_states=True)
-    return summary(await drain(engine.generate(request)))
+    return ThinkerRequest(request_id, conversation, sampling, hidden_states=True)
+
+
+async def at_once(engine: ThinkerEngine, request_id: str, history, samples: np.ndarray, sampling: Sampling):
+    return summary(await drain(engine.generate(turn_request(request_id, history, samples, sampling))))
 
 
 async def ingested(engine: ThinkerEngine, request_id: str, history, samples: np.ndarray, sampling: Sampling, *,
@@ -146,7 +152,7 @@ async def ingested(engine: ThinkerEngine, request_id: str, history, samples: np.
         if real_time:
             await bounded(ingest.wait_prefilled(ingest.pushed_blocks))
     prefilled = ingest.prefilled_blocks
-    events = await drain(ingest.finish(sampling))
+    events = await drain(ingest.finish(turn_request(request_id, history, samples, sampling)))
     assert ingest.fallback == (None if not sampling.stop else "stop strings")
     return summary(events), prefilled
 
@@ -187,6 +193,39 @@ async def test_blocks_still_queued_at_the_turns_end_travel_with_the_last_chunk(t
     assert_same_answer(streamed, await at_once(thinker, "whole-backlog", (SYSTEM,), samples, sampling))
 
 
+def spoken(events) -> tuple[list[int], np.ndarray, Finished]:
+    """(text ids, waveform, the Finished event) of one OmniEngine answer."""
+    assert isinstance(events[-1], Finished)
+    text_ids = [t for e in events if isinstance(e, TextDelta) for t in e.token_ids]
+    audio = [e.samples for e in events if isinstance(e, AudioDelta)]
+    return text_ids, np.concatenate(audio) if audio else np.zeros(0, np.float32), events[-1]
+
+
+async def test_an_ingested_spoken_turn_speaks_as_the_conversation_sent_at_once(omni: OmniEngine):
+    """Through the whole engine: the talker and Code2Wav get the same rows, positions and tokens, so the
+    ingested turn's speech is the one the conversation sent at once gets."""
+    samples = tone(5.37, seed=7)  # tone(5.37, hz=240.0, seed=8) would fall back: one value of block 0 is clamped
+    speech = Speech("Chelsie", TalkerSampling(temperature=0.0, seed=0, max_tokens=150))
+    request = OmniRequest(
+        "spoken-ingest", (SYSTEM, Message("user", (Audio(samples),))), Sampling(max_tokens=12), speech
+    )
+    ingest = ThinkerIngest(omni.thinker, "spoken-ingest", (SYSTEM,), hidden_states=True)
+    await bounded(ingest.start())
+    for start in range(0, len(samples), PIECE):
+        ingest.push_audio(samples[start : start + PIECE])
+        await bounded(ingest.wait_prefilled(ingest.pushed_blocks))
+    text_ids, waveform, finished = spoken(await drain(omni.generate(request, ingest)))
+    assert ingest.fallback is None
+    whole_ids, whole_waveform, whole_finished = spoken(
+        await drain(omni.generate(dataclasses.replace(request, request_id="spoken-whole")))
+    )
+    assert text_ids == whole_ids
+    assert finished.usage == whole_finished.usage and finished.usage.audio_tokens > 0
+    assert len(waveform) == len(whole_waveform)
+    assert np.abs(waveform - whole_waveform).max() <= 1e-5 * max(np.abs(whole_waveform).max(), 1e-30) + 1e-7
+    await assert_released(omni.thinker)
+
+
 async def assert_released(engine: ThinkerEngine) -> None:
     """No stream, no tapped stream, no request in the frontend, and every KV block free in the EngineCore (the
     block pool refuses a prefix-cache reset while any block is held)."""
@@ -217,11 +256,26 @@ async def test_an_answer_left_midway_releases_the_thinker(thinker):
     ingest = ThinkerIngest(thinker, "cancelled", (SYSTEM,), hidden_states=True)
     await bounded(ingest.start())
     ingest.push_audio(tone(3.0))
-    answer = ingest.finish(Sampling(max_tokens=4000))
+    answer = ingest.finish(turn_request("cancelled", (SYSTEM,), tone(3.0), Sampling(max_tokens=4000)))
     texts = 0
     while texts < 3:
         texts += isinstance(await bounded(anext(answer)), ThinkerText)
     await bounded(answer.aclose())
+    await assert_released(thinker)
+
+
+async def test_a_conversation_other_than_the_one_ingested_is_answered_as_sent(thinker):
+    """The committed turn differs from what was ingested (an item added during speech, trimmed audio): the
+    request is answered as given, and the session is released."""
+    samples = tone(4.4, seed=6)
+    ingest = ThinkerIngest(thinker, "changed", (SYSTEM,), hidden_states=True)
+    await bounded(ingest.start())
+    ingest.push_audio(samples)
+    sampling = Sampling(max_tokens=MAX_TOKENS)
+    request = turn_request("changed", (SYSTEM,), samples[1600:], sampling)
+    events = await drain(ingest.finish(request))
+    assert ingest.fallback == "the conversation is not the one ingested"
+    assert_same_answer(summary(events), await at_once(thinker, "whole-changed", (SYSTEM,), samples[1600:], sampling))
     await assert_released(thinker)
 
 
