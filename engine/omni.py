@@ -17,7 +17,8 @@ from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine, 
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.config import ThinkerStartError, pin_v1_runner
 from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine, ThinkerInputError
-from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
+from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
+from omnitalk.engine.thinker.streaming import ThinkerIngest
 
 SAMPLE_RATE = 24_000
 
@@ -115,7 +116,10 @@ class OmniEngine:
     def voices(self) -> list[str]:
         return self.speech.voices
 
-    async def generate(self, request: OmniRequest) -> AsyncIterator[OmniEvent]:
+    async def generate(self, request: OmniRequest, ingest: ThinkerIngest | None = None) -> AsyncIterator[OmniEvent]:
+        """`ingest`: the request's last user turn, already prefilled (`ThinkerIngest.finish` answers the request
+        the same way, from the session when the request is what it ingested). Closed when the stream ends; a
+        stream never started runs nothing, so its caller closes the ingest itself."""
         if self.failure is not None:
             raise EngineFailure(self.failure)
         if request.speech is not None and request.speech.voice not in self.voices:
@@ -127,30 +131,36 @@ class OmniEngine:
             use_audio_in_video=request.use_audio_in_video,
             hidden_states=request.speech is not None,
         )
+        thinker = ingest.finish(thinker_request) if ingest is not None else self.thinker.generate(thinker_request)
         if request.speech is None:
-            async for event in self._text_only(thinker_request):
+            events = self._text_only(thinker)
+        else:
+            events = self._spoken(request.request_id, thinker, request.speech)
+        try:
+            async for event in events:
                 yield event
-            return
-        async for event in self._spoken(thinker_request, request.speech):
-            yield event
+        finally:  # the speech feeder stops before the thinker's stream closes; an ingest never started is released
+            await events.aclose()
+            await thinker.aclose()
+            if ingest is not None:
+                await ingest.close()
 
-    async def _text_only(self, request: ThinkerRequest) -> AsyncIterator[OmniEvent]:
-        async for event in self.thinker.generate(request):
+    async def _text_only(self, thinker: AsyncIterator[ThinkerEvent]) -> AsyncIterator[OmniEvent]:
+        async for event in thinker:
             if isinstance(event, ThinkerText):
                 yield TextDelta(event.text, event.token_ids)
             elif isinstance(event, ThinkerDone):
                 usage = Usage(event.num_prompt_tokens, event.num_generated_tokens, 0)
                 yield Finished(event.finish_reason, usage)
 
-    async def _spoken(self, request: ThinkerRequest, speech: Speech) -> AsyncIterator[OmniEvent]:
-        key = request.request_id
+    async def _spoken(self, key: str, thinker: AsyncIterator[ThinkerEvent], speech: Speech) -> AsyncIterator[OmniEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def sink(event: object) -> None:  # runs on the speech thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        feeder = asyncio.create_task(self._feed_speech(request, speech, sink))
+        feeder = asyncio.create_task(self._feed_speech(key, thinker, speech, sink))
         thinker_done: ThinkerDone | None = None
         speech_done: SpeechDone | None = None
         try:
@@ -175,12 +185,11 @@ class OmniEngine:
                 await feeder
             self.speech.close(key)
 
-    async def _feed_speech(self, request: ThinkerRequest, speech: Speech, sink) -> None:
+    async def _feed_speech(self, key: str, thinker: AsyncIterator[ThinkerEvent], speech: Speech, sink) -> None:
         """Thinker events to the speech thread (rows, tokens) and to the client (text), as they come."""
-        key = request.request_id
         gate = _SpeechGate(speech.until)
         try:
-            async for event in self.thinker.generate(request):
+            async for event in thinker:
                 match event:
                     case ThinkerStart(prompt_ids, positions):
                         gate.prompt_len = len(prompt_ids)

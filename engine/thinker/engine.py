@@ -42,6 +42,7 @@ def engine_args(config: ThinkerConfig, rows_address: str):
         max_num_batched_tokens=config.max_num_batched_tokens,
         enable_chunked_prefill=True,
         enable_prefix_caching=config.enable_prefix_caching,
+        enable_mm_embeds=True,  # streaming input gives vLLM audio blocks as precomputed features (streaming.py)
         gpu_memory_utilization=memory,
         tensor_parallel_size=config.tensor_parallel_size,
         enforce_eager=config.enforce_eager,
@@ -246,7 +247,9 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
                 done = event
             case _:
                 held.append(event)
-        if not announced and start is not None and (positions is not None or not with_rows):
+        # A streaming-input request's positions come again with every chunk: wait for the whole prompt's.
+        covered = positions is not None and start is not None and positions.shape[1] == len(start.prompt_token_ids)
+        if not announced and start is not None and (covered or not with_rows):
             yield ThinkerStart(start.prompt_token_ids, positions)
             announced = True
         if announced:

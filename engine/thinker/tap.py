@@ -107,6 +107,7 @@ def to_host(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Event | None]:
 class HiddenStateWorker(_platform_worker()):
     _publisher: Publisher | None = None
     _publishes: bool | None = None
+    _announced: dict[str, int] | None = None  # per tapped request: the prompt length whose positions went out
 
     def init_device(self) -> None:
         super().init_device()
@@ -116,7 +117,7 @@ class HiddenStateWorker(_platform_worker()):
         output = super().execute_model(scheduler_output)
         if self._should_publish():
             try:
-                self._publish()
+                self._publish(scheduler_output.finished_req_ids)
             except Exception:  # the tapped requests of this step fail; the EngineCore and everyone else go on
                 log.exception("publishing hidden states failed")
                 self._report_failure()
@@ -143,7 +144,11 @@ class HiddenStateWorker(_platform_worker()):
                 self._publisher = Publisher(address)
         return self._publishes
 
-    def _publish(self) -> None:
+    def _publish(self, finished: set[str]) -> None:
+        if self._announced is None:
+            self._announced = {}
+        for req_id in finished:
+            self._announced.pop(req_id, None)
         runner = self.model_runner
         state = runner.execute_model_state
         if state is None:
@@ -161,8 +166,12 @@ class HiddenStateWorker(_platform_worker()):
             first_position = int(batch.num_computed_tokens_cpu[i])
             spans.append(wire.RowSpan(stream_id, first_position, end - begin))
             pieces.append(state.hidden_states[begin:end])
-            if first_position == 0 and request.mrope_positions is not None:
-                positions = request.mrope_positions[:, : len(request.prompt_token_ids or ())]
+            prompt_len = len(request.prompt_token_ids or ())
+            # A prompt starts (again, after preemption), or a streaming-input request's prompt has grown by a chunk.
+            grown = first_position == 0 or self._announced.get(req_id, 0) < prompt_len
+            if request.mrope_positions is not None and grown:
+                self._announced[req_id] = prompt_len
+                positions = request.mrope_positions[:, :prompt_len]
                 prompts.append((stream_id, positions.clone()))  # the runner may rewrite its own in place
         if spans:
             rows, ready = to_host(torch.cat(pieces))
