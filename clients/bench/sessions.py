@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class Microphone:
 
     async def _run(self) -> None:
         start, silence = time.perf_counter(), bytes(CHUNK_BYTES)
-        for k in range(1, 1 << 62):
+        for k in itertools.count(1):
             await asyncio.sleep(max(0.0, start + k * CHUNK_S - time.perf_counter()))
             piece, done, pad_s = self.queue.popleft() if self.queue else (silence, None, 0.0)
             await send(self.ws, "input_audio_buffer.append", audio=base64.b64encode(piece).decode("ascii"))
@@ -119,14 +120,16 @@ class Session:
             await self._vad_turn(item, record)
 
     async def _manual_turn(self, item: BenchInput, record: RequestRecord, max_tokens: int) -> None:
+        speech_end = None
         if item.audio:
             await append_paced(self.ws, item.audio)
+            speech_end = time.perf_counter()
             await send(self.ws, "input_audio_buffer.commit")
-        speech_end = time.perf_counter()
         await send(self.ws, "response.create", response={"max_output_tokens": item.max_tokens or max_tokens})
         start = time.perf_counter()
         await read_response(self.ws, record, start)
-        record.speech_end_s = speech_end - start
+        if speech_end is not None:  # a text turn has no voice-to-voice latency
+            record.speech_end_s = speech_end - start
 
     async def _vad_turn(self, item: BenchInput, record: RequestRecord) -> None:
         """The server creates the response itself (with the session's token budget): the request starts when
