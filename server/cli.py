@@ -43,6 +43,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny", help="write the tiny random-weight Qwen2.5-Omni checkpoint to DIR")
     tiny.add_argument("dir", type=Path)
+    wide = "wide: a 768-wide, 12-layer thinker, whose prefill costs what a real model's does (default tiny)"
+    tiny.add_argument("--size", choices=("tiny", "wide"), default="tiny", help=wide)
     tiny.set_defaults(run=_make_tiny)
 
     # Every argument goes to the bench's own parser (`omnitalk bench -h`), imported only when it runs.
@@ -63,7 +65,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def _make_tiny(args: argparse.Namespace) -> None:
     from omnitalk.engine.tiny.checkpoint import make_tiny_checkpoint
 
-    print(make_tiny_checkpoint(args.dir))
+    print(make_tiny_checkpoint(args.dir, args.size))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -12,11 +12,19 @@ from pathlib import Path
 
 import httpx
 
-from omnitalk.clients.bench.inputs import JSONL_SCHEMA, BenchInput, load_jsonl, spoken_inputs, text_inputs
+from omnitalk.clients.bench.inputs import (
+    JSONL_SCHEMA,
+    BenchInput,
+    load_jsonl,
+    spoken_inputs,
+    text_inputs,
+    utterance_inputs,
+)
 from omnitalk.clients.bench.loads import Load
 from omnitalk.clients.bench.metrics import SLO_KEYS, parse_slos
 from omnitalk.clients.bench.report import LineProgress, console_report, results_json, write_json
 from omnitalk.clients.bench.runner import BenchConfig, NoProgress, Sweep, run_bench
+from omnitalk.clients.bench.sessions import TURN_DETECTIONS, TurnTaking
 
 EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE = 1, 2, 2
 EPILOG = f"""\
@@ -25,6 +33,12 @@ loads (pick one; default --concurrency 1):
   --rate 2 --burstiness 1  arrivals with Gamma(b, 1/(rate*b)) gaps: b=1 Poisson, b<1 burstier (vllm bench serve)
   --ramp 0.5 4           rate rising linearly from 0.5 to 4 requests/s over --duration (or --num-requests)
   --sweep --slo ttfa:500 rtf:1  the highest Poisson rate at which every SLO holds (doubling, then bisection)
+
+Realtime turns (--protocol realtime):
+  --turn-detection server_vad --utterance-s 2 10 30  speak each utterance in real time, then silence, into an
+                         always-open microphone; the server's VAD ends the turn and answers. turn = voice-to-voice
+                         latency: end of the speech in the audio -> first audio byte of the answer
+  --turns 20             turns per session (sessions are reused turn after turn): turn latency against turn number
 
 SLOs (--slo KEY:VALUE ...): {", ".join(SLO_KEYS)}; milliseconds, except rtf (unitless).
 A request is good when it succeeded and met every SLO; request_goodput = good requests / duration.
@@ -43,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice", default="alloy")
     p.add_argument("--max-tokens", type=int, default=64, help="the answer's token budget (default 64)")
     p.add_argument("--inputs", default="text", help="text (built-in prompts), speech (them spoken) or PATH.jsonl")
+    p.add_argument("--utterance-s", type=float, nargs="+", metavar="S",
+                   help="instead of --inputs: one synthetic spoken utterance of each length (seconds)")  # fmt: skip
+    p.add_argument("--turn-detection", choices=TURN_DETECTIONS, default="manual",
+                   help="Realtime turns: manual (append, commit, response.create; default) or server_vad")  # fmt: skip
+    p.add_argument("--turns", type=int, default=1, help="Realtime turns per session (default 1)")
+    p.add_argument("--vad-silence-ms", type=int, default=500,
+                   help="server_vad: the silence that ends a turn (silence_duration_ms, default 500)")  # fmt: skip
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, nargs="+", metavar="N")
     load.add_argument("--rate", type=float, metavar="REQ_PER_S")
@@ -82,12 +103,15 @@ async def main_async(argv: list[str]) -> int:
         slos = parse_slos(args.slo)
         loads = make_loads(args)
         sweep = make_sweep(args, slos) if args.sweep else None
+        turn_taking = TurnTaking(args.turn_detection, args.turns, args.vad_silence_ms)
+        if args.utterance_s and min(args.utterance_s) < 0.1:
+            raise ValueError("--utterance-s lengths must be at least 0.1 s")
         if args.max_tokens < 1 or args.timeout <= 0 or args.warmups < 0:
             raise ValueError("--max-tokens and --timeout must be positive, --warmups at least 0")
     except ValueError as error:
         parser.error(str(error))
     try:
-        inputs, notes = make_inputs(args.inputs, args.seed)
+        inputs, notes = make_inputs(args.inputs, args.seed, args.utterance_s)
     except (ValueError, OSError) as error:
         return _fail(f"bad --inputs: {error}", EXIT_USAGE)
     base_url = normalize_url(args.url)
@@ -103,7 +127,7 @@ async def main_async(argv: list[str]) -> int:
     config = BenchConfig(
         base_url, model, inputs, loads, protocols, voice=args.voice, max_tokens=args.max_tokens, slos=slos,
         sweep=sweep, burstiness=args.burstiness, max_concurrency=args.max_concurrency, timeout=args.timeout,
-        warmups=args.warmups, seed=args.seed,
+        warmups=args.warmups, seed=args.seed, turn_taking=turn_taking,
     )  # fmt: skip
     result = await run_bench(config, NoProgress() if args.no_progress else LineProgress())
     print(console_report(config, result))
@@ -144,7 +168,10 @@ def make_sweep(args: argparse.Namespace, slos: dict[str, float]) -> Sweep:
     return Sweep(args.sweep_start, args.max_rate, args.max_runs, args.sweep_duration, attainment=args.attainment)
 
 
-def make_inputs(kind: str, seed: int) -> tuple[list[BenchInput], list[str]]:
+def make_inputs(kind: str, seed: int, utterance_s: list[float] | None = None) -> tuple[list[BenchInput], list[str]]:
+    if utterance_s:
+        inputs, note = utterance_inputs(utterance_s, seed)
+        return inputs, [note]
     if kind == "text":
         return text_inputs(), []
     if kind == "speech":

@@ -59,11 +59,26 @@ def spoken_inputs(seed: int = 0) -> tuple[list[BenchInput], str]:
     if shutil.which("espeak-ng"):
         return [BenchInput(f"spoken{i}", audio=espeak(p)) for i, p in enumerate(PROMPTS)], "spoken by espeak-ng"
     inputs = [BenchInput(f"spoken{i}", audio=speech_like(p, seed + i)) for i, p in enumerate(PROMPTS)]
-    note = (
-        "espeak-ng is not installed: spoken inputs are a synthetic speech-like signal (voiced harmonics with "
-        "syllable-rate amplitude modulation and pauses), not words"
-    )
-    return inputs, note
+    return inputs, "espeak-ng is not installed: spoken inputs are " + SYNTHETIC
+
+
+def utterance_inputs(lengths: list[float], seed: int = 0) -> tuple[list[BenchInput], str]:
+    """One utterance of each length (seconds, rounded to whole 100 ms), without pauses: what server VAD must hear
+    as one turn however long it is."""
+    inputs = []
+    for i, seconds in enumerate(lengths):
+        samples = vowels(round(seconds, 1), np.random.default_rng(seed + i))
+        inputs.append(BenchInput(f"utterance{seconds:g}s", audio=to_pcm16(samples, RATE)))
+    return inputs, "utterances are " + SYNTHETIC
+
+
+SYNTHETIC = (
+    "a synthetic speech-like signal (a gliding voice through the formants of five vowels, four syllables a second, "
+    "that Silero VAD hears as speech), not words"
+)
+# First three formants (Hz) of /a/, /i/, /e/, /u/, /o/: without them Silero does not take harmonics for a voice.
+FORMANTS = np.array([(730, 1090, 2440), (270, 2290, 3010), (570, 840, 2410), (300, 870, 2240), (530, 1840, 2480)])
+SYLLABLE_S = 0.25
 
 
 def espeak(text: str) -> bytes:
@@ -73,21 +88,28 @@ def espeak(text: str) -> bytes:
 
 
 def speech_like(text: str, seed: int) -> bytes:
-    """About as long as `text` spoken: one 'word' per word, each a few syllables of a gliding harmonic tone
-    (f0 100-220 Hz, ten harmonics falling off as 1/k) under a 4-6 Hz syllable envelope, with short pauses."""
+    """About as long as `text` spoken: one 'word' of vowels per word, with short pauses between words."""
     rng = np.random.default_rng(seed)
     pieces = []
     for word in text.split():
-        seconds = 0.12 + 0.055 * len(word)
-        t = np.arange(int(seconds * RATE)) / RATE
-        f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
-        phase = 2 * np.pi * np.cumsum(f0) / RATE
-        voiced = sum(np.sin(k * phase) / k for k in range(1, 11))
-        syllables = 0.5 * (1 - np.cos(2 * np.pi * rng.uniform(4, 6) * t))
-        pieces += [voiced * syllables, np.zeros(int(rng.uniform(0.05, 0.15) * RATE))]
+        pieces += [vowels(0.12 + 0.055 * len(word), rng), np.zeros(int(rng.uniform(0.05, 0.15) * RATE))]
     signal = np.concatenate(pieces) if pieces else np.zeros(RATE // 10)
-    signal = 0.5 * signal / max(float(np.max(np.abs(signal))), 1e-9)
     return to_pcm16(signal, RATE)
+
+
+def vowels(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """`seconds` of a voice at 24 kHz, peak 0.5: harmonics of a gliding f0 (110-160 Hz) shaped by the formants of
+    one vowel per syllable (in turn, from a random one) under a syllable envelope."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = rng.uniform(110, 160) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.3, 1.0) * t))
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    formants = FORMANTS[(rng.integers(len(FORMANTS)) + (t / SYLLABLE_S).astype(int)) % len(FORMANTS)]
+    x = np.zeros_like(t)
+    for k in range(1, 40):
+        gain = sum(1 / (1 + ((k * f0 - formants[:, j]) / (60 + 40 * j)) ** 2) / (j + 1) for j in range(3))
+        x += gain * np.sin(k * phase) / np.sqrt(k)
+    x *= np.sin(np.pi * ((t / SYLLABLE_S) % 1)) ** 0.5
+    return 0.5 * x / max(float(np.abs(x).max(initial=0.0)), 1e-9)
 
 
 def to_pcm16(samples: np.ndarray, rate: int) -> bytes:

@@ -20,6 +20,7 @@ SLO_KEYS = {
     "rtf": ("rtf", 1.0),
     "jitter": ("jitter_s", 1e-3),
     "underrun": ("underrun_worst_s", 1e-3),
+    "turn": ("turn_s", 1e-3),
 }
 SLO_UNITS = {"rtf": ""}  # the rest are in milliseconds
 
@@ -48,6 +49,8 @@ class RequestRecord:
     audio_tokens: int | None = None
     output_text: str = ""
     input_audio_s: float = 0.0
+    turn_number: int = 1  # Realtime: the turn's number in its session
+    speech_end_s: float | None = None  # Realtime: when the user's speech ended (<= 0: before the request started)
 
     @property
     def audio_bytes(self) -> int:
@@ -61,6 +64,13 @@ class RequestRecord:
     def ttfa_s(self) -> float | None:
         """Time to the first audio byte."""
         return self.audio_times_s[0] if self.audio_times_s else None
+
+    @property
+    def turn_s(self) -> float | None:
+        """Voice-to-voice turn latency: the end of the user's speech to the first audio byte of the answer."""
+        if self.ttfa_s is None or self.speech_end_s is None:
+            return None
+        return self.ttfa_s - self.speech_end_s
 
     @property
     def rtf(self) -> float | None:
@@ -88,6 +98,7 @@ class RequestRecord:
         underrun = self.underrun
         derived = {
             "ttfa_s": self.ttfa_s,
+            "turn_s": self.turn_s,
             "tpot_s": self.tpot_s,
             "rtf": self.rtf,
             "jitter_s": self.jitter_s,
@@ -211,6 +222,7 @@ def summarize(records: list[RequestRecord], duration: float, slos: dict[str, flo
     out |= _stats("itl", "_ms", [gap for r in done for gap in r.itl_s], 1e3)
     out |= _stats("e2el", "_ms", _present([r.e2el_s for r in done]), 1e3)
     out |= _stats("ttfa", "_ms", _present([r.ttfa_s for r in done]), 1e3)
+    out |= _stats("turn", "_ms", _present([r.turn_s for r in done]), 1e3)
     out |= _stats("rtf", "", _present([r.rtf for r in done]), 1.0)
     out |= _stats("jitter", "_ms", _present([r.jitter_s for r in done]), 1e3)
     out |= _stats("underrun", "_ms", [u.worst_s for u in underruns], 1e3)
@@ -219,3 +231,14 @@ def summarize(records: list[RequestRecord], duration: float, slos: dict[str, flo
     ok = [u for u in underruns if u.worst_s <= CONTINUITY_THRESHOLD_S]
     out["continuity_ok_rate"] = len(ok) / len(underruns) if underruns else None
     return out
+
+
+def turn_latency_by(records: list[RequestRecord], key: str) -> dict[float, dict[str, float | None]]:
+    """Turn latency (ms) of the successful requests grouped by `key`: "input_audio_s" (rounded to 100 ms) or
+    "turn_number"; per group its count, mean and percentiles, in ascending order of the key."""
+    groups: dict[float, list[float]] = {}
+    for r in records:
+        if r.success and r.turn_s is not None:
+            at = round(r.input_audio_s, 1) if key == "input_audio_s" else getattr(r, key)
+            groups.setdefault(at, []).append(r.turn_s)
+    return {at: {"count": len(v), **_stats("turn", "_ms", v, 1e3)} for at, v in sorted(groups.items())}

@@ -1,4 +1,5 @@
-"""PNG plots of a bench: latency CDFs, and TTFA and RTF against the load (sweeps, concurrency lists, ramps)."""
+"""PNG plots of a bench: latency CDFs, TTFA and RTF against the load (sweeps, concurrency lists, ramps), and
+voice-to-voice turn latency against the utterance's length and the turn's number in its session."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from omnitalk.clients.bench.metrics import turn_latency_by
 from omnitalk.clients.bench.runner import BenchResult, RunResult
 
 CDF_METRICS = (("TTFT", "ttft_s"), ("TTFA", "ttfa_s"), ("E2EL", "e2el_s"))
@@ -26,7 +28,30 @@ def write_plots(result: BenchResult, folder: Path) -> list[Path]:
     by_level = [r for r in result.runs if r.load.kind != "ramp"]
     if len({_level(r) for r in by_level}) > 1:
         written.append(_versus_level(plt, by_level, folder / "ttfa_rtf_vs_load.png"))
+    if any(r.turn_s is not None for run in result.runs for r in run.records):
+        written.append(_turns(plt, result.runs, folder / "turn_latency.png"))
     return written
+
+
+def _turns(plt: Any, runs: list[RunResult], path: Path) -> Path:
+    """Each turn's latency against its utterance's length and against its number in the session, with the median
+    of each group as a line; one colour per run."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, xlabel in ((axes[0], "input_audio_s", "utterance (s)"), (axes[1], "turn_number", "turn number")):
+        for run in runs:
+            done = [r for r in run.records if r.success and r.turn_s is not None]
+            if not done:
+                continue
+            x = [round(r.input_audio_s, 1) if key == "input_audio_s" else r.turn_number for r in done]
+            (points,) = ax.plot(x, [r.turn_s * 1e3 for r in done], ".", alpha=0.5)
+            groups = turn_latency_by(done, key)
+            ax.plot(list(groups), [g["median_turn_ms"] for g in groups.values()], "-", color=points.get_color(),
+                    label=f"{_label(run)} (median)")  # fmt: skip
+        ax.set(title=f"turn latency by {xlabel.split(' (')[0]}", xlabel=xlabel, ylabel="ms", ylim=(0, None))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    return _save(plt, figure, path)
 
 
 def _label(run: RunResult) -> str:

@@ -1,4 +1,4 @@
-"""One benchmark turn over the OpenAI Realtime (GA) WebSocket, timed event by event into a RequestRecord."""
+"""The OpenAI Realtime (GA) WebSocket for the bench: the session, paced audio, and a response timed into a record."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import websockets
 from websockets.asyncio.client import ClientConnection
 
-from omnitalk.clients.bench.inputs import RATE, BenchInput
+from omnitalk.clients.bench.inputs import RATE
 from omnitalk.clients.bench.metrics import RequestRecord
 from omnitalk.clients.client import ServerError
 
@@ -34,31 +33,18 @@ class RealtimeTarget:
         return f"{ws}/v1/realtime?model={quote(self.model)}"
 
 
-async def send_turn(target: RealtimeTarget, item: BenchInput, record: RequestRecord) -> None:
-    """One connection, one turn with manual turn-taking: session.update, the user's text item and/or audio
-    (appended in real time, then committed), response.create. The request starts when response.create is sent:
-    TTFT is the first response delta of any kind, E2EL is response.done, ITL the gaps between text deltas."""
-    record.input_audio_s = item.audio_s
-    async with websockets.connect(target.url, max_size=None, compression=None, open_timeout=30) as ws:
-        await expect(ws, "session.created")
-        await send(ws, "session.update", session=session_config(target.voice))
-        await expect(ws, "session.updated")
-        if item.prompt:
-            content = [{"type": "input_text", "text": item.prompt}]
-            await send(ws, "conversation.item.create", item={"type": "message", "role": "user", "content": content})
-        if item.audio:
-            await append_paced(ws, item.audio)
-            await send(ws, "input_audio_buffer.commit")
-        await send(ws, "response.create", response={"max_output_tokens": item.max_tokens or target.max_tokens})
-        await read_response(ws, record, time.perf_counter())
-
-
-def session_config(voice: str) -> dict[str, Any]:
+def session_config(target: RealtimeTarget, turn_detection: dict | None) -> dict[str, Any]:
+    """Audio out in the target's voice, pcm16 both ways; with server VAD the server creates each response itself,
+    so the token budget is the session's."""
     pcm = {"type": "audio/pcm", "rate": RATE}
     return {
         "type": "realtime",
         "output_modalities": ["audio"],
-        "audio": {"input": {"format": pcm, "turn_detection": None}, "output": {"format": pcm, "voice": voice}},
+        "max_output_tokens": target.max_tokens,
+        "audio": {
+            "input": {"format": pcm, "turn_detection": turn_detection},
+            "output": {"format": pcm, "voice": target.voice},
+        },
     }
 
 
@@ -83,12 +69,12 @@ async def expect(ws: ClientConnection, kind: str) -> dict[str, Any]:
 
 
 async def append_paced(ws: ClientConnection, pcm: bytes) -> None:
-    """Append `pcm` (pcm16, 24 kHz) in CHUNK_S pieces, each sent when a live speaker would have finished it."""
+    """Append `pcm` (pcm16, 24 kHz) in CHUNK_S pieces, each sent when a live microphone would have captured it."""
     size, start = int(2 * RATE * CHUNK_S), time.perf_counter()
     for i, offset in enumerate(range(0, len(pcm), size)):
+        await asyncio.sleep(max(0.0, start + (i + 1) * CHUNK_S - time.perf_counter()))
         chunk = base64.b64encode(pcm[offset : offset + size]).decode("ascii")
         await send(ws, "input_audio_buffer.append", audio=chunk)
-        await asyncio.sleep(max(0.0, start + (i + 1) * CHUNK_S - time.perf_counter()))
 
 
 async def read_response(ws: ClientConnection, record: RequestRecord, start: float) -> None:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from omnitalk.clients.bench.metrics import PERCENTILES, RequestRecord
+from omnitalk.clients.bench.metrics import PERCENTILES, RequestRecord, turn_latency_by
 from omnitalk.clients.bench.runner import BenchConfig, BenchResult, RunResult
 
 # (label, metric name in the aggregates, unit suffix) for the detailed table.
@@ -19,6 +19,7 @@ DETAIL_ROWS = (
     ("ITL (ms)", "itl", "_ms"),
     ("E2EL (ms)", "e2el", "_ms"),
     ("TTFA (ms)", "ttfa", "_ms"),
+    ("turn (ms)", "turn", "_ms"),
     ("RTF", "rtf", ""),
     ("audio jitter (ms)", "jitter", "_ms"),
     ("worst underrun (ms)", "underrun", "_ms"),
@@ -98,12 +99,20 @@ def run_json(run: RunResult, slos: dict[str, float]) -> dict[str, Any]:
         "load": {**asdict(run.load), "label": run.load.label},
         "started_at": run.started_at,
         "metrics": run.metrics(slos),
+        "turn_latency": {
+            "by_utterance_s": turn_latency_by(run.records, "input_audio_s"),
+            "by_turn_number": turn_latency_by(run.records, "turn_number"),
+        },
         "requests": [r.to_json() for r in run.records],
     }
 
 
 DEFINITIONS = {
-    "request start": "HTTP: the POST is sent. Realtime: response.create is sent (after the input was uploaded).",
+    "request start": "HTTP: the POST is sent. Realtime: response.create is sent (after the input was uploaded); "
+    "with server VAD, input_audio_buffer.speech_stopped arrives",
+    "turn": "voice-to-voice turn latency: from the end of the user's speech (the moment its last sample was sent, "
+    "paced as a live microphone) to the first audio byte of the answer; with server VAD it includes the silence "
+    "that ends the turn",
     "ttft": "time to the first SSE chunk with non-empty choices (Realtime: the first response.output_* delta)",
     "itl": "gaps between successive chunks carrying text (content or audio transcript), from the TTFT chunk",
     "e2el": "time to the last chunk with non-empty choices (Realtime: response.done); the usage chunk is excluded",
@@ -150,7 +159,8 @@ def run_table(metrics: dict[str, Any]) -> str:
 def summary_table(runs: list[RunResult], slos: dict[str, float]) -> str:
     """One row per run: its load, counts, throughputs and the headline latencies."""
     header = ["protocol", "load", "done", "failed", "s", "req/s", "goodput", "audio s/s", "tok/s",
-              "p50 TTFT", "p50 TTFA", "p99 TTFA", "p50 E2EL", "p50 RTF", "p99 RTF", "underrun ev"]  # fmt: skip
+              "p50 TTFT", "p50 TTFA", "p99 TTFA", "p50 turn", "p50 E2EL", "p50 RTF", "p99 RTF",
+              "underrun ev"]  # fmt: skip
     rows = []
     for run in runs:
         m = run.metrics(slos)
@@ -158,9 +168,16 @@ def summary_table(runs: list[RunResult], slos: dict[str, float]) -> str:
             run.protocol, run.load.label, str(m["completed"]), str(m["failed"]), _fmt(m["duration"]),
             _fmt(m["request_throughput"], 2), _fmt(m["request_goodput"], 2), _fmt(m["audio_throughput"], 2),
             _fmt(m["output_throughput"]), _fmt(m["median_ttft_ms"]), _fmt(m["median_ttfa_ms"]),
-            _fmt(m["p99_ttfa_ms"]), _fmt(m["median_e2el_ms"]), _fmt(m["median_rtf"], 3), _fmt(m["p99_rtf"], 3),
-            str(m["underrun_events"]),
+            _fmt(m["p99_ttfa_ms"]), _fmt(m["median_turn_ms"]), _fmt(m["median_e2el_ms"]), _fmt(m["median_rtf"], 3),
+            _fmt(m["p99_rtf"], 3), str(m["underrun_events"]),
         ])  # fmt: skip
+    return table(header, rows)
+
+
+def turn_table(label: str, groups: dict[float, dict[str, float | None]]) -> str:
+    header = [label, "turns", "mean", *(f"p{p}" for p in PERCENTILES)]
+    stats = ["mean", *(f"p{p}" for p in PERCENTILES)]
+    rows = [[f"{at:g}", str(g["count"]), *(_fmt(g[f"{s}_turn_ms"]) for s in stats)] for at, g in groups.items()]
     return table(header, rows)
 
 
@@ -171,6 +188,13 @@ def console_report(config: BenchConfig, result: BenchResult) -> str:
     if len(result.runs) <= 2 * len(config.protocols) and not result.sweeps:
         for run in result.runs:
             parts += [f"\n{run.protocol}, {run.load.label}:", run_table(run.metrics(config.slos))]
+    for run in result.runs:
+        for key, label in (("input_audio_s", "utterance s"), ("turn_number", "turn")):
+            if len(groups := turn_latency_by(run.records, key)) > 1:
+                parts += [
+                    f"\n{run.protocol}, {run.load.label}: turn latency (ms) by {label}:",
+                    turn_table(label, groups),
+                ]
     for protocol, sweep in result.sweeps.items():
         slos = " ".join(f"{k}:{v:g}" for k, v in config.slos.items())
         best = f"{sweep.best_rate:.3g} requests/s" if sweep.best_rate else "none of the rates tried"

@@ -17,7 +17,8 @@ from omnitalk.clients.bench.http_client import HTTPTarget, send_chat
 from omnitalk.clients.bench.inputs import BenchInput
 from omnitalk.clients.bench.loads import Load, SweepResult, find_max_rate, rate_schedule
 from omnitalk.clients.bench.metrics import RequestRecord, summarize
-from omnitalk.clients.bench.realtime_client import RealtimeTarget, send_turn
+from omnitalk.clients.bench.realtime_client import RealtimeTarget
+from omnitalk.clients.bench.sessions import RealtimeSessions, TurnTaking
 
 Sender = Callable[[BenchInput, RequestRecord], Awaitable[None]]
 PROTOCOLS = ("http", "realtime")
@@ -81,6 +82,7 @@ class BenchConfig:
     timeout: float = 300.0  # per request
     warmups: int = 0  # requests sent one by one before the runs, per protocol, not recorded
     seed: int = 0
+    turn_taking: TurnTaking = field(default_factory=TurnTaking)  # of Realtime sessions
 
 
 @dataclass(slots=True)
@@ -99,6 +101,7 @@ async def run_bench(config: BenchConfig, progress: Progress | None = None) -> Be
             for i in range(config.warmups):
                 item = config.inputs[i % len(config.inputs)]
                 await _send_one(send, item, RequestRecord(i, protocol, "warmup"), config.timeout)
+            await _close(send)
             if config.sweep is None:
                 for load in config.loads:
                     result.runs.append(await run_load(load, config.inputs, send, protocol, config, progress))
@@ -112,8 +115,8 @@ def sender(protocol: str, config: BenchConfig, http: httpx.AsyncClient) -> Sende
         target = HTTPTarget(config.base_url, config.model, config.voice, config.max_tokens, config.timeout)
         return lambda item, record: send_chat(http, target, item, record)
     if protocol == "realtime":
-        realtime = RealtimeTarget(config.base_url, config.model, config.voice, config.max_tokens)
-        return lambda item, record: send_turn(realtime, item, record)
+        target = RealtimeTarget(config.base_url, config.model, config.voice, config.max_tokens)
+        return RealtimeSessions(target, config.turn_taking)
     raise ValueError(f"unknown protocol {protocol!r}: expected one of {PROTOCOLS}")
 
 
@@ -175,9 +178,16 @@ async def run_load(
                 await gate.acquire()
             tasks.append(asyncio.create_task(one(i, rate, gate)))
         await asyncio.gather(*tasks)
+    await _close(send)
     progress.close()
     records.sort(key=lambda r: r.index)
     return RunResult(protocol, load, records, time.perf_counter() - start, started_at)
+
+
+async def _close(send: Sender) -> None:
+    """Ends what a sender keeps between requests (Realtime sessions of several turns)."""
+    if isinstance(send, RealtimeSessions):
+        await send.aclose()
 
 
 async def _send_one(send: Sender, item: BenchInput, record: RequestRecord, timeout: float) -> None:

@@ -1,4 +1,4 @@
-"""Writes a tiny random-weight Qwen2.5-Omni checkpoint in the real Hugging Face layout, reproducibly."""
+"""Writes a tiny (or wide) random-weight Qwen2.5-Omni checkpoint in the real Hugging Face layout, reproducibly."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from omnitalk.engine.tiny.config import TINY_CONFIG
+from omnitalk.engine.tiny.config import SIZES
 from omnitalk.engine.tiny.tokenizer import build_tokenizer
 
 # Bump whenever the bytes written change, so cached copies of older builds are not reused.
@@ -36,15 +36,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "omnitalk"
 
 
-def tiny_checkpoint(cache_dir: Path | None = None) -> Path:
-    """The cached tiny checkpoint, built on first use (safe against concurrent builders)."""
-    target = (cache_dir or default_cache_dir()) / f"tiny-qwen2.5-omni-v{TINY_VERSION}"
+def tiny_checkpoint(cache_dir: Path | None = None, size: str = "tiny") -> Path:
+    """The cached checkpoint of `size` (a key of SIZES), built on first use (safe against concurrent builders)."""
+    target = (cache_dir or default_cache_dir()) / f"{size}-qwen2.5-omni-v{TINY_VERSION}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        make_tiny_checkpoint(staging)
+        make_tiny_checkpoint(staging, size)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").exists():
@@ -54,19 +54,22 @@ def tiny_checkpoint(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def make_tiny_checkpoint(out_dir: Path) -> Path:
-    """Writes config, weights (one shard per part), speakers, generation config, processor and tokenizer."""
+def make_tiny_checkpoint(out_dir: Path, size: str = "tiny") -> Path:
+    """Writes config, weights (one shard per part), speakers, generation config, processor and tokenizer;
+    `size` is a key of SIZES."""
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
+    if size not in SIZES:
+        raise ValueError(f"unknown checkpoint size {size!r}: expected one of {', '.join(SIZES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = Qwen2_5OmniConfig(**TINY_CONFIG)
+    config = Qwen2_5OmniConfig(**SIZES[size])
     config.architectures = ["Qwen2_5OmniForConditionalGeneration"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = Qwen2_5OmniForConditionalGeneration(config).eval()
-        _make_vocoder_audible(model.token2wav.code2wav_bigvgan_model)
-        speakers = _random_speakers()
+        _make_vocoder_audible(model.token2wav.code2wav_bigvgan_model, config.token2wav_config.bigvgan_config.mel_dim)
+        speakers = _random_speakers(config.token2wav_config.dit_config)
     config.save_pretrained(out_dir)
     _write_generation_config(out_dir)
     _write_weights(model.state_dict(), out_dir)
@@ -76,7 +79,7 @@ def make_tiny_checkpoint(out_dir: Path) -> Path:
 
 
 @torch.no_grad()
-def _make_vocoder_audible(vocoder: torch.nn.Module) -> None:
+def _make_vocoder_audible(vocoder: torch.nn.Module, mel_dim: int) -> None:
     """Redraws the vocoder's conv weights so that random mels come out as clearly audible noise.
 
     transformers draws every weight with std 0.02, which the vocoder's stacked convolutions shrink to about 1e-8
@@ -86,7 +89,6 @@ def _make_vocoder_audible(vocoder: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
             fan_in = module.weight[0].numel() if isinstance(module, torch.nn.Conv1d) else module.weight[:, 0].numel()
             module.weight.normal_(0.0, VOCODER_GAIN * (2.0 / fan_in) ** 0.5)
-    mel_dim = TINY_CONFIG["token2wav_config"]["bigvgan_config"]["mel_dim"]
     outputs: list[torch.Tensor] = []
     hook = vocoder.conv_post.register_forward_hook(lambda _module, _inputs, out: outputs.append(out))
     vocoder(torch.randn(1, mel_dim, 200))
@@ -94,13 +96,11 @@ def _make_vocoder_audible(vocoder: torch.nn.Module) -> None:
     vocoder.conv_post.weight.mul_(TARGET_RMS / outputs[0].pow(2).mean().sqrt())
 
 
-def _random_speakers() -> dict[str, dict]:
-    mel_dim = TINY_CONFIG["token2wav_config"]["dit_config"]["mel_dim"]
-    cond_dim = TINY_CONFIG["token2wav_config"]["dit_config"]["enc_emb_dim"]
+def _random_speakers(dit_config) -> dict[str, dict]:
     return {
         name: {
-            "cond": torch.randn(1, cond_dim),
-            "ref_mel": torch.randn(1, REF_MEL_FRAMES, mel_dim),
+            "cond": torch.randn(1, dit_config.enc_emb_dim),
+            "ref_mel": torch.randn(1, REF_MEL_FRAMES, dit_config.mel_dim),
             "bos_token": bos,
         }
         for name, bos in SPEAKERS.items()

@@ -1,8 +1,13 @@
-"""The tiny Qwen2.5-Omni config: real token ids, vocab sizes and frame geometry; smaller widths and depths.
+"""The tiny Qwen2.5-Omni configs: real token ids, vocab sizes and frame geometry; smaller widths and depths.
 
 Head dims stay >= 32 wherever vLLM's CPU attention runs (thinker text model). The DiT codebook is
 enlarged from the real 8193 to 8447 rows so that a random talker cannot index out of range.
+`WIDE_CONFIG` is the tiny one with a thinker wide and deep enough that prefill costs what it costs a real
+model, relative to the rest (what the turn-latency benchmark needs); the widths that must equal the thinker's
+(the audio and vision encoders' outputs, the talker's input) follow it.
 """
+
+import copy
 
 TINY_CONFIG: dict = {
     "enable_audio_output": True,
@@ -110,3 +115,23 @@ TINY_CONFIG: dict = {
         },
     },
 }
+
+
+def _wide_config() -> dict:
+    config = copy.deepcopy(TINY_CONFIG)
+    thinker = config["thinker_config"]
+    thinker["text_config"].update(
+        hidden_size=768,
+        intermediate_size=1536,  # the tiny one's 2x
+        num_hidden_layers=12,
+        num_attention_heads=12,  # head_dim 64: one that vLLM's CPU attention supports
+    )
+    thinker["text_config"]["rope_parameters"]["mrope_section"] = [8, 12, 12]  # halves of head_dim 64
+    thinker["audio_config"]["output_dim"] = 768
+    thinker["vision_config"]["out_hidden_size"] = 768
+    config["talker_config"]["embedding_size"] = 768
+    return config
+
+
+WIDE_CONFIG: dict = _wide_config()
+SIZES: dict[str, dict] = {"tiny": TINY_CONFIG, "wide": WIDE_CONFIG}

@@ -90,6 +90,8 @@ async def test_both_protocols_against_a_fake_server(fake_server, tmp_path, capsy
         assert run["metrics"]["max_concurrency"] == 2
     spoken = [r for r in data["runs"][1]["requests"] if r["input_id"] == "line2"]
     assert spoken and all(r["input_audio_s"] == pytest.approx(0.3) for r in spoken)
+    assert all(r["turn_s"] > r["ttfa_s"] for r in spoken)  # from the last chunk sent, through commit and create
+    assert all(r["turn_s"] is None for r in data["runs"][1]["requests"] if r["input_id"] == "line1")  # no speech
     assert (tmp_path / "plots" / "latency_cdf.png").read_bytes().startswith(PNG)
     console = capsys.readouterr().out
     assert "TTFA (ms)" in console and "concurrency 2" in console

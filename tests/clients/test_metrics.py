@@ -1,4 +1,4 @@
-"""The bench's maths: percentiles, TPOT, RTF, jitter, the simulated player's underruns, SLOs and goodput."""
+"""The bench's maths: percentiles, TPOT, RTF, jitter, the simulated player's underruns, SLOs, goodput, turn latency."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from omnitalk.clients.bench.metrics import (
     parse_slos,
     simulate_player,
     summarize,
+    turn_latency_by,
 )
 
 
@@ -103,3 +104,34 @@ def test_goodput_never_exceeds_throughput():
     assert m["slo_attainment"] == pytest.approx(m["good_requests"] / 200)
     assert m["total_audio_s"] == pytest.approx(m["completed"])
     assert math.isclose(m["audio_throughput"], m["completed"] / 20.0)
+
+
+def test_turn_latency_runs_from_the_end_of_speech_to_the_first_audio_byte():
+    r = record(audio=[(0.3, 0.1), (0.5, 0.1)])
+    assert r.turn_s is None  # nobody spoke: no voice-to-voice latency
+    r.speech_end_s = -0.7  # the speech ended 0.7 s before the request started (server VAD's silence)
+    assert r.turn_s == pytest.approx(1.0) and r.to_json()["turn_s"] == pytest.approx(1.0)
+    assert parse_slos(["turn:800"]) == {"turn": 800.0}
+    assert not meets_slos(r, {"turn": 800}) and meets_slos(r, {"turn": 1200})
+    silent = record()
+    silent.speech_end_s = -0.5
+    assert silent.turn_s is None and not meets_slos(silent, {"turn": 1e9})  # no audio: the turn SLO fails
+    m = summarize([r], 2.0, {"turn": 1200})
+    assert m["median_turn_ms"] == pytest.approx(1000.0) and m["good_requests"] == 1
+
+
+def test_turn_latency_grouped_by_utterance_length_and_turn_number():
+    records = []
+    for i, (seconds, number, turn) in enumerate([(2.04, 1, 0.5), (1.96, 2, 0.7), (10.0, 1, 0.9), (10.0, 2, 1.1)]):
+        r = record(
+            i,
+            audio=[(0.1, 0.1)],
+        )
+        r.input_audio_s, r.turn_number, r.speech_end_s = seconds, number, 0.1 - turn
+        records.append(r)
+    records.append(record(4, ok=False))  # a failed turn counts nowhere
+    by_length = turn_latency_by(records, "input_audio_s")
+    assert list(by_length) == [2.0, 10.0] and [g["count"] for g in by_length.values()] == [2, 2]
+    assert by_length[2.0]["median_turn_ms"] == pytest.approx(600.0)
+    by_number = turn_latency_by(records, "turn_number")
+    assert list(by_number) == [1, 2] and by_number[2]["mean_turn_ms"] == pytest.approx(900.0)

@@ -1,4 +1,4 @@
-"""The tiny checkpoint: real HF layout, byte-reproducible, loadable by transformers."""
+"""The tiny and wide checkpoints: real HF layout, byte-reproducible, loadable by transformers, shaped for vLLM."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from omnitalk.engine.tiny.checkpoint import PARTS, SPEAKERS, make_tiny_checkpoint
+from omnitalk.engine.tiny.checkpoint import PARTS, SPEAKERS, make_tiny_checkpoint, tiny_checkpoint
+from omnitalk.engine.tiny.config import TINY_CONFIG, WIDE_CONFIG
 
 EXPECTED_FILES = {
     "config.json",
@@ -30,6 +31,12 @@ EXPECTED_FILES = {
 
 def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def wide_dir() -> Path:
+    """The cached wide checkpoint (1.2 GB; its first build takes about a minute on 2 cores)."""
+    return tiny_checkpoint(size="wide")
 
 
 def test_layout(tiny_dir: Path):
@@ -105,3 +112,52 @@ def test_make_tiny_overwrites_a_damaged_directory(tmp_path: Path, tiny_dir: Path
     (out / bad).write_text("garbage")
     make_tiny_checkpoint(out)
     assert (out / bad).read_bytes() == (tiny_dir / bad).read_bytes()
+
+
+def test_wide_cli_build_is_byte_identical_to_the_cached_build(wide_dir: Path, tmp_path: Path):
+    out = tmp_path / "wide"
+    omnitalk = Path(sys.executable).with_name("omnitalk")
+    subprocess.run([omnitalk, "make-tiny", "--size", "wide", str(out)], check=True, capture_output=True)
+    fresh, cached = files(out), files(wide_dir)
+    assert fresh.keys() == cached.keys() == EXPECTED_FILES
+    assert [name for name in fresh if fresh[name] != cached[name]] == []
+
+
+def test_wide_differs_from_tiny_only_in_the_thinker_width_and_what_must_follow_it():
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+        return out
+
+    tiny, wide = flat(TINY_CONFIG), flat(WIDE_CONFIG)
+    assert tiny.keys() == wide.keys()
+    assert {k for k in tiny if tiny[k] != wide[k]} == {
+        "thinker_config.text_config.hidden_size",
+        "thinker_config.text_config.intermediate_size",
+        "thinker_config.text_config.num_hidden_layers",
+        "thinker_config.text_config.num_attention_heads",
+        "thinker_config.text_config.rope_parameters.mrope_section",
+        "thinker_config.audio_config.output_dim",
+        "thinker_config.vision_config.out_hidden_size",
+        "talker_config.embedding_size",
+    }
+
+
+def test_wide_shapes_fit_vllm_cpu_and_transformers_loads_every_weight(wide_dir: Path):
+    from transformers import AutoConfig, Qwen2_5OmniForConditionalGeneration
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = AutoConfig.from_pretrained(wide_dir)
+    text = config.thinker_config.text_config
+    assert (text.hidden_size, text.num_hidden_layers) == (768, 12)
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert head_dim in CPUAttentionBackend.get_supported_head_sizes()
+    assert 2 * sum(text.rope_parameters["mrope_section"]) == head_dim
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(wide_dir)
+    loaded = model.state_dict()
+    index = json.loads((wide_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(loaded)
+    assert loaded["thinker.model.embed_tokens.weight"].shape == (152064, 768)
+    assert loaded["talker.thinker_to_talker_proj.weight"].shape == (64, 768)
+    assert loaded["thinker.audio_tower.proj.weight"].shape[0] == 768
