@@ -6,8 +6,9 @@ Named through vLLM's `worker_cls` setting; it subclasses the platform's own work
 batch layout), hence the pinned vLLM version, the pinned V1 runner and the parity tests. A row's position is
 the request's computed-token count at the start of the step plus its offset in the step, so prompt rows leave
 as each prefill chunk completes and each decode step sends one row: the hidden state of the token just fed
-back. Rows leave the device through an asynchronous copy and are sent from a background thread, so
-`execute_model` returns as soon as the copy is queued.
+back. On CUDA rows leave the device through an asynchronous copy and are sent from a background thread, so
+`execute_model` returns as soon as the copy is queued; on the CPU they are already in host memory and leave
+at once, from `execute_model` (`Publisher`).
 """
 
 from __future__ import annotations
