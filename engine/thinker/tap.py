@@ -6,8 +6,9 @@ Named through vLLM's `worker_cls` setting; it subclasses the platform's own work
 batch layout), hence the pinned vLLM version, the pinned V1 runner and the parity tests. A row's position is
 the request's computed-token count at the start of the step plus its offset in the step, so prompt rows leave
 as each prefill chunk completes and each decode step sends one row: the hidden state of the token just fed
-back. Rows leave the device through an asynchronous copy and are sent from a background thread, so
-`execute_model` returns as soon as the copy is queued.
+back. On CUDA rows leave the device through an asynchronous copy and are sent from a background thread, so
+`execute_model` returns as soon as the copy is queued; on the CPU they are already in host memory and leave
+at once, from `execute_model` (`Publisher`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _platform_worker() -> type:
 
 @dataclass(slots=True)
 class _Step:
-    """One step's tapped rows, already on their way to host memory; `ready` fires when they are there."""
+    """One step's tapped rows; `ready`, when set, fires once a device-to-host copy has put them in `rows`."""
 
     spans: list[wire.RowSpan]
     rows: torch.Tensor  # [sum(num_rows), hidden] on the CPU (pinned when the model runs on CUDA)
@@ -49,39 +50,64 @@ class _Step:
 
 
 class Publisher:
-    """Sends steps from a background thread, in order: `execute_model` only enqueues the device-to-host copy.
-    A step that cannot be sent is logged and its streams are named as failed, so that they end with an error
-    instead of waiting for rows; the engine and every other request go on."""
+    """Sends steps on one ZMQ PUSH socket, in order. A step that cannot be sent is logged and its streams are
+    named as failed, so that they end with an error instead of waiting for rows; the engine and every other
+    request go on.
 
-    def __init__(self, address: str) -> None:
+    `background=False` (rows already in host memory: the CPU runner): each step leaves from the caller's thread
+    as it is submitted; zmq copies the rows into its message and its own I/O thread writes it, so a second
+    Python thread would only add a hand-off (and, under vLLM's CPU thread binding, share the worker's core).
+    `background=True` (rows on their way from a device): a thread waits on each step's copy event, releasing
+    the GIL, then sends it, so `execute_model` never waits for the copy."""
+
+    def __init__(self, address: str, *, background: bool) -> None:
         self._address = address
-        self._steps: queue.SimpleQueue[_Step | list[str]] = queue.SimpleQueue()  # a list: failed stream ids
-        self._thread = threading.Thread(target=self._run, name="omnitalk-tap", daemon=True)
-        self._thread.start()
+        self._steps: queue.SimpleQueue[_Step | list[str]] | None = None  # a list: failed stream ids
+        self._socket: zmq.Socket | None = None
+        if background:
+            self._steps = queue.SimpleQueue()
+            threading.Thread(target=self._run, name="omnitalk-tap", daemon=True).start()
+        else:
+            self._socket = self._connect()
 
     def submit(self, step: _Step) -> None:
-        self._steps.put(step)
+        """`step.rows` must hold until sent: an inline send copies them before returning."""
+        if self._steps is None:
+            self._send(self._socket, step)
+        else:
+            self._steps.put(step)
 
     def fail(self, stream_ids: list[str]) -> None:
-        self._steps.put(stream_ids)
+        if self._steps is None:
+            self._send(self._socket, stream_ids)
+        else:
+            self._steps.put(stream_ids)
+
+    def _connect(self) -> zmq.Socket:
+        socket = zmq.Context.instance().socket(zmq.PUSH)
+        socket.setsockopt(zmq.SNDHWM, 0)  # queue rather than block: the EngineCore never waits for the reader
+        socket.connect(self._address)
+        return socket
 
     def _run(self) -> None:
-        socket = zmq.Context.instance().socket(zmq.PUSH)
-        socket.connect(self._address)
+        socket = self._connect()
         while True:
-            step = self._steps.get()
-            try:
-                if isinstance(step, list):
-                    socket.send_multipart(wire.encode_failure(step))
-                    continue
-                if step.ready is not None:
-                    step.ready.synchronize()  # releases the GIL while the copy finishes
-                prompts = [wire.PromptPositions(key, pos.flatten().tolist()) for key, pos in step.prompts]
-                socket.send_multipart(wire.encode(step.spans, step.rows, prompts), copy=False)
-            except Exception:
-                log.exception("hidden-state tap: a step could not be sent; failing its streams")
-                if isinstance(step, _Step):
-                    self._send_failure(socket, [span.stream_id for span in step.spans])
+            self._send(socket, self._steps.get())
+
+    def _send(self, socket: zmq.Socket, step: _Step | list[str]) -> None:
+        try:
+            if isinstance(step, list):
+                socket.send_multipart(wire.encode_failure(step))
+                return
+            if step.ready is not None:
+                step.ready.synchronize()  # releases the GIL while the copy finishes
+            prompts = [wire.PromptPositions(key, pos.flatten().tolist()) for key, pos in step.prompts]
+            # A pinned copy is the step's own: zero-copy. A CPU runner's rows are its buffer: copied now.
+            socket.send_multipart(wire.encode(step.spans, step.rows, prompts), copy=step.ready is None)
+        except Exception:
+            log.exception("hidden-state tap: a step could not be sent; failing its streams")
+            if isinstance(step, _Step):
+                self._send_failure(socket, [span.stream_id for span in step.spans])
 
     @staticmethod
     def _send_failure(socket: zmq.Socket, stream_ids: list[str]) -> None:
@@ -102,6 +128,14 @@ def to_host(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Event | None]:
     ready = torch.Event(device=rows.device)
     ready.record()
     return host, ready
+
+
+def gather(hidden: torch.Tensor, ranges: list[list[int]]) -> torch.Tensor:
+    """The rows of `ranges` ([begin, end) rows of `hidden`, ascending, adjacent ones merged): a view when they
+    are one range (every request of the step tapped, the common case), else one gather on the rows' device."""
+    if len(ranges) == 1:
+        return hidden[ranges[0][0] : ranges[0][1]]
+    return torch.cat([hidden[begin:end] for begin, end in ranges])
 
 
 class HiddenStateWorker(_platform_worker()):
@@ -141,7 +175,7 @@ class HiddenStateWorker(_platform_worker()):
             first_tp_of_last_pp = get_tp_group().rank_in_group == 0 and get_pp_group().is_last_rank
             self._publishes = bool(address) and first_tp_of_last_pp
             if self._publishes:
-                self._publisher = Publisher(address)
+                self._publisher = Publisher(address, background=self.model_runner.device.type != "cpu")
         return self._publishes
 
     def _publish(self, finished: set[str]) -> None:
@@ -155,17 +189,21 @@ class HiddenStateWorker(_platform_worker()):
             return
         batch = runner.input_batch
         num_reqs = batch.num_reqs
-        starts = runner.query_start_loc.np[: num_reqs + 1]  # host copies: reading them does not sync
-        spans, pieces, prompts = [], [], []
+        starts = runner.query_start_loc.np[: num_reqs + 1].tolist()  # host copies: reading them does not sync
+        computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()
+        spans, ranges, prompts = [], [], []
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             request = runner.requests[req_id]
             stream_id = (request.sampling_params.extra_args or {}).get(wire.TAP_KEY)
             if stream_id is None:
                 continue
-            begin, end = int(starts[i]), int(starts[i + 1])
-            first_position = int(batch.num_computed_tokens_cpu[i])
+            begin, end = starts[i], starts[i + 1]
+            first_position = computed[i]
             spans.append(wire.RowSpan(stream_id, first_position, end - begin))
-            pieces.append(state.hidden_states[begin:end])
+            if ranges and ranges[-1][1] == begin:
+                ranges[-1][1] = end
+            else:
+                ranges.append([begin, end])
             prompt_len = len(request.prompt_token_ids or ())
             # A prompt starts (again, after preemption), or a streaming-input request's prompt has grown by a chunk.
             grown = first_position == 0 or self._announced.get(req_id, 0) < prompt_len
@@ -174,5 +212,5 @@ class HiddenStateWorker(_platform_worker()):
                 positions = request.mrope_positions[:, :prompt_len]
                 prompts.append((stream_id, positions.clone()))  # the runner may rewrite its own in place
         if spans:
-            rows, ready = to_host(torch.cat(pieces))
+            rows, ready = to_host(gather(state.hidden_states, ranges))
             self._publisher.submit(_Step(spans, rows, ready, prompts))

@@ -24,7 +24,7 @@ from omnitalk.engine.thinker.config import (
 )
 from omnitalk.engine.thinker.engine import engine_args
 from omnitalk.engine.thinker.model import OmniThinkerForConditionalGeneration, merge_by_modality
-from omnitalk.engine.thinker.tap import Publisher, _Step, to_host
+from omnitalk.engine.thinker.tap import Publisher, _Step, gather, to_host
 
 VIDEO, AUDIO, IMAGE, TEXT = 7, 8, 9, 1
 
@@ -120,7 +120,7 @@ def test_a_step_that_fails_to_publish_fails_its_streams_and_the_next_arrives():
     socket.bind(address)
     socket.setsockopt(zmq.RCVTIMEO, 30_000)
     try:
-        publisher = Publisher(address)
+        publisher = Publisher(address, background=True)
         rows, ready = to_host(torch.arange(6, dtype=torch.float32).view(3, 2))
         assert ready is None  # CPU rows need no copy
         span = [wire.RowSpan("s", 0, 3)]
@@ -132,3 +132,28 @@ def test_a_step_that_fails_to_publish_fails_its_streams_and_the_next_arrives():
         assert torch.equal(prompts["s"], torch.arange(9).view(3, 3))
     finally:
         socket.close(linger=0)
+
+
+def test_cpu_rows_leave_at_once_as_a_copy_of_the_runners_buffer():
+    address = f"ipc://{tempfile.gettempdir()}/omnitalk-test-{uuid.uuid4().hex[:8]}"
+    publisher = Publisher(address, background=False)  # nobody reads yet: zmq holds the message
+    hidden = torch.randn(400, 64)  # 100 KB: above pyzmq's zero-copy threshold
+    expected = hidden[:300].clone()
+    rows, ready = to_host(gather(hidden, [[0, 300]]))
+    publisher.submit(_Step([wire.RowSpan("s", 0, 300)], rows, ready, []))
+    hidden.zero_()  # the next step overwrites the runner's buffer
+    socket = zmq.Context.instance().socket(zmq.PULL)
+    socket.bind(address)
+    socket.setsockopt(zmq.RCVTIMEO, 30_000)
+    try:
+        spans, _, failed = wire.decode(socket.recv_multipart())
+        assert not failed and torch.equal(spans[0][1], expected)
+    finally:
+        socket.close(linger=0)
+
+
+def test_gather_is_a_view_for_one_range_and_a_copy_of_the_rows_for_several():
+    hidden = torch.arange(20.0).view(10, 2)
+    one = gather(hidden, [[2, 6]])
+    assert one.data_ptr() == hidden[2].data_ptr() and torch.equal(one, hidden[2:6])
+    assert torch.equal(gather(hidden, [[0, 1], [3, 5]]), hidden[[0, 3, 4]])
