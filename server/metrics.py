@@ -41,6 +41,19 @@ class Metrics:
         self.generation_tokens = Counter("omnitalk:generation_tokens", "Text tokens generated", registry=r)
         self.audio_tokens = Counter("omnitalk:audio_tokens", "Codec tokens generated (50 per audio second)", registry=r)
         self.requests = Counter("omnitalk:requests", "Finished responses", ["status"], registry=r)
+        self.ingested_turns = Counter(
+            "omnitalk:ingested_turns", "Realtime turns ingested while spoken, by how they were answered: session "
+            "(from the prefilled session) or fallback (the conversation sent at once)", ["answer"], registry=r,
+        )  # fmt: skip
+        self.ingested_blocks = Counter(
+            "omnitalk:ingested_blocks", "2 s blocks of user audio prefilled before the turn ended", registry=r
+        )
+
+    def ingested(self, fallback: str | None, prefilled_blocks: int) -> None:
+        """An ingested turn was answered: from its session (fallback None) or sent at once."""
+        self.ingested_turns.labels("fallback" if fallback else "session").inc()
+        if fallback is None:
+            self.ingested_blocks.inc(prefilled_blocks)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

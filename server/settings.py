@@ -65,6 +65,8 @@ class ServerSettings(BaseSettings):
     """a Realtime session with no client event and no live response for this long is closed; none: never (as OpenAI)"""
     realtime_context_tokens: int | None = None
     """a Realtime response's prompt and answer together, at most (older items are truncated); none: the context"""
+    ingest_audio: bool = True
+    """Realtime: prefill the thinker with the user's audio while they speak (streaming input), not at commit"""
 
     # The speech stage.
     speech_device: str = "auto"

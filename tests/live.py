@@ -32,3 +32,21 @@ async def live_server(engine: OmniEngine, settings: ServerSettings) -> AsyncIter
     finally:
         server.should_exit = True
         await task
+
+
+async def settled(state: ServerState) -> bool:
+    """Every stage of the served engine is idle again (polled: a stream ends a little after its client)."""
+    engine = state.engine
+    for _ in range(400):
+        idle = (
+            state.limiter.active == 0
+            and state.metrics.live_streams._value.get() == 0
+            and engine.thinker.num_open_streams == 0
+            and not engine.thinker.llm.output_processor.has_unfinished_requests()
+            and engine.speech.num_streams == 0
+            and engine.speech.talker.num_free_slots == engine.speech.max_batch
+        )
+        if idle:
+            return True
+        await asyncio.sleep(0.05)
+    return False

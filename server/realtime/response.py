@@ -17,6 +17,7 @@ from omnitalk.engine.request import Message, Sampling, Text
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerInputError
 from omnitalk.engine.thinker.prompt import PromptError, audio_token_count
+from omnitalk.engine.thinker.streaming import ThinkerIngest
 from omnitalk.server import audio
 from omnitalk.server.context import BudgetError, answer_budget, first_kept, prompt_size
 from omnitalk.server.metrics import ResponseTimer
@@ -159,6 +160,7 @@ class LiveResponse:
     previous_call_id: str | None = None  # the open call's previous_item_id in the conversation
     num_text_tokens: int = 0
     finished: bool = False
+    ingest: ThinkerIngest | None = None  # the user turn it answers, prefilled while spoken (streaming input)
 
     @property
     def speaks(self) -> bool:
@@ -203,7 +205,7 @@ class LiveResponse:
     async def _run(self) -> None:
         finished: Finished | None = None
         try:
-            async with contextlib.aclosing(self.state.engine.generate(self._request())) as events:
+            async with contextlib.aclosing(self.state.engine.generate(self._request(), self.ingest)) as events:
                 async for event in events:
                     match event:
                         case TextDelta():
@@ -212,6 +214,8 @@ class LiveResponse:
                             self._audio(event.samples)
                         case Finished():
                             finished = event
+            if self.ingest is not None:
+                self.state.metrics.ingested(self.ingest.fallback, self.ingest.prefilled_blocks)
             if finished is None:
                 raise RuntimeError("the engine's stream ended without Finished")
             self._words(*self.parser.finish())
@@ -224,6 +228,9 @@ class LiveResponse:
             details = {"type": "server_error", "code": None, "message": "internal server error"}
             self._finish("failed", {"type": "failed", "error": details}, None)
             return
+        finally:  # a stream that never started leaves its ingest to us
+            if self.ingest is not None:
+                await self.ingest.close()
         if finished.finish_reason == "length":
             self._finish("incomplete", {"type": "incomplete", "reason": "max_output_tokens"}, finished)
         else:

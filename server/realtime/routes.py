@@ -10,6 +10,7 @@ import logging
 from fastapi import APIRouter, WebSocket
 
 from omnitalk.server.realtime import protocol as p
+from omnitalk.server.realtime.input_audio import Ingestion
 from omnitalk.server.realtime.outbox import Outbox
 from omnitalk.server.realtime.protocol import ClientError
 from omnitalk.server.realtime.response import LiveResponse, plan
@@ -53,6 +54,7 @@ class Connection:
         self.outbox = Outbox(ws, state.metrics, self.settings.max_queued_bytes, self.settings.max_client_lag_s)
         self.transcriptions: set[asyncio.Task] = set()
         self.idle = False  # the session was closed for want of client events
+        self.ingestion = Ingestion(state.engine.thinker, self.settings.ingest_audio)
 
     async def serve(self) -> None:
         writer = self.outbox.start()
@@ -72,6 +74,7 @@ class Connection:
             for task in self.transcriptions:
                 task.cancel()
             await asyncio.gather(*self.transcriptions, return_exceptions=True)
+            await self.ingestion.close()
         code = CLOSE_TOO_SLOW if self.outbox.overflowed else None
         if expired or self.idle:
             await self._end(expired)
@@ -143,7 +146,7 @@ class Connection:
     async def _dispatch(self, event: p.ClientEvent) -> None:
         match event:
             case p.SessionUpdate():
-                self._update_session(event.session)
+                await self._update_session(event.session)
             case p.BufferAppend():
                 await self._append(p.decode_pcm16(event.audio, "audio"))
             case p.BufferCommit():
@@ -151,6 +154,7 @@ class Connection:
             case p.BufferClear():
                 self.session.buffer.take()
                 self._end_turn()
+                await self.ingestion.drop()
                 self.outbox.send(p.event("input_audio_buffer.cleared"))
             case p.ItemCreate():
                 item = await asyncio.to_thread(build_item, event.item, self.settings.max_audio_seconds)
@@ -173,21 +177,25 @@ class Connection:
                     raise ClientError("Cancellation failed: no active response found", "response_cancel_not_active")
                 await live.cancel("client_cancelled")
 
-    def _update_session(self, update: p.Session) -> None:
+    async def _update_session(self, update: p.Session) -> None:
         self.session.config = self.session.config.updated(update, self.state.engine.voices)
         audio_input = update.audio.input if update.audio is not None else None
         if audio_input is not None and "turn_detection" in audio_input.model_fields_set:
             self.session.vad = self.session.config.vad(self.session.buffer.end)
             self.session.turn_item_id = None
+            await self.ingestion.drop()  # a turn the old detector started will not be committed by the new one
         self.outbox.send(p.event("session.updated", session=self.session.config.to_json(self.session.id)))
 
     async def _append(self, pcm: bytes) -> None:
         buffer, limit = self.session.buffer, self.settings.max_audio_seconds
         if (len(buffer.pcm) + len(pcm)) / 2 / p.SAMPLE_RATE > limit:
             raise ClientError(f"the input audio buffer holds at most {limit:g} s: commit or clear it", param="audio")
-        buffer.pcm += pcm
+        buffer.append(pcm)
         vad = self.session.vad
         if vad is None:
+            if self.ingestion.turn is None and self.session.response is None:
+                await self._open_turn(p.new_id("item"))
+            self.ingestion.push()
             return
         for found in await asyncio.to_thread(vad.push, pcm):
             try:
@@ -199,6 +207,22 @@ class Connection:
                 self.outbox.send(p.error_event(error))
         if not vad.speaking:  # keep only what a turn starting now would include
             buffer.keep_from(buffer.end // 24 - vad.prefix_padding_ms)
+        # Up to what the detector judged (less 2 ms of rounding): a turn it ends later is cut there at the earliest.
+        self.ingestion.push(buffer.index(vad.position * 3 // 2) - 32)
+
+    async def _open_turn(self, request_id: str) -> None:
+        """Starts ingesting the turn beginning at the buffer's start, for the conversation as a response now would
+        read it (streaming input; a turn whose conversation changes before its response falls back)."""
+        if not self.ingestion.enabled:
+            return
+        settings, buffer = self.settings, self.session.buffer
+        try:
+            spec = await plan(self.session, None, self.state.engine, settings.max_audio_seconds,
+                              settings.realtime_context_tokens)  # fmt: skip
+        except ClientError:
+            return  # the response will say why
+        hidden = spec.audio and not spec.tools.forced
+        await self.ingestion.open(request_id, spec.messages, hidden, buffer.audio, buffer.index(buffer.start))
 
     async def _speech_started(self, audio_start_ms: int) -> None:
         self.session.buffer.keep_from(audio_start_ms)
@@ -211,6 +235,9 @@ class Connection:
         turn = self.session.config.turn_detection
         if turn is not None and turn.interrupt_response and self.session.response is not None:
             await self.session.response.cancel("turn_detected")  # barge-in
+        await self.ingestion.drop()
+        if self.session.response is None:
+            await self._open_turn(self.session.turn_item_id)
 
     async def _speech_stopped(self, stopped: SpeechStopped) -> None:
         item_id = self.session.turn_item_id or p.new_id("item")
@@ -235,8 +262,15 @@ class Connection:
         await self._commit(item_id, None)
 
     async def _commit(self, item_id: str, until_ms: int | None) -> None:
-        pcm = self.session.buffer.take(until_ms)
-        item = await asyncio.to_thread(user_audio_item, item_id, pcm, self.settings.max_audio_seconds)
+        buffer = self.session.buffer
+        turn = self.ingestion.before_take(buffer.audio, buffer.index(buffer.start))
+        samples = buffer.take(until_ms)
+        try:
+            item = user_audio_item(item_id, samples, self.settings.max_audio_seconds)
+        except ClientError:
+            await self.ingestion.committed(None, None)
+            raise
+        await self.ingestion.committed(turn, samples)
         previous = self.session.conversation.last_id
         self.outbox.send(p.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous))
         self._add_item(item, None)
@@ -296,10 +330,12 @@ class Connection:
         spec = await plan(
             self.session, params, self.state.engine, settings.max_audio_seconds, settings.realtime_context_tokens
         )
-        response = LiveResponse(spec, self.session, self.state, self.outbox)
+        response = LiveResponse(spec, self.session, self.state, self.outbox, ingest=self.ingestion.hand_over())
         try:
             response.start()
         except Busy as error:
+            if response.ingest is not None:
+                await response.ingest.close()
             raise ClientError(
                 f"{error}; retry in {Busy.retry_after} s", "rate_limit_exceeded", type="rate_limit_error"
             ) from error

@@ -14,6 +14,7 @@ from omnitalk.engine.request import Audio, Image, Message, Part, Text
 from omnitalk.engine.thinker.prompt import SPEECH_SYSTEM_PROMPT
 from omnitalk.server import speech
 from omnitalk.server.realtime import protocol as p
+from omnitalk.server.realtime.input_audio import Resampled
 from omnitalk.server.realtime.protocol import SAMPLE_RATE, ClientError
 from omnitalk.server.realtime.vad import EAGERNESS_SILENCE_MS, TurnDetector
 from omnitalk.server.tools import Function, ToolChoice, Tools, call_text, response_text
@@ -209,9 +210,12 @@ def _text_only(message: Message) -> bool:
     return len(message.content) == 1 and isinstance(message.content[0], Text)
 
 
-def user_audio_item(item_id: str, pcm: bytes, max_seconds: float) -> Item:
-    """The item a committed buffer becomes (blocking: decodes and resamples)."""
-    return Item(item_id, "user", [ItemPart("input_audio", samples=_decode(pcm, max_seconds, "audio"))])
+def user_audio_item(item_id: str, samples: np.ndarray, max_seconds: float) -> Item:
+    """The item a committed buffer becomes (its 16 kHz samples, `InputBuffer.take`'s)."""
+    seconds = len(samples) / 16_000
+    if seconds > max_seconds:
+        raise ClientError(f"the audio lasts {seconds:.1f} s; at most {max_seconds:g} s is accepted", param="audio")
+    return Item(item_id, "user", [ItemPart("input_audio", samples=samples)])
 
 
 def build_item(item: p.Item, max_seconds: float) -> Item:
@@ -320,26 +324,49 @@ class Conversation:
 
 @dataclass(slots=True)
 class InputBuffer:
-    """pcm16 at 24 kHz, with its place on the session's input timeline (every sample ever appended)."""
+    """pcm16 at 24 kHz, with its place on the session's input timeline (every sample ever appended), and its audio
+    at 16 kHz, resampled as it arrives (`input_audio`: what a committed item holds and a turn ingests)."""
 
     pcm: bytearray = field(default_factory=bytearray)
     start: int = 0  # timeline sample index of pcm[0]
+    audio: Resampled = field(default_factory=Resampled)
+    origin: int = 0  # timeline sample index where `audio` starts
 
     @property
     def end(self) -> int:
         return self.start + len(self.pcm) // 2
 
-    def take(self, until_ms: int | None = None) -> bytes:
-        """Removes and returns the audio up to `until_ms` on the timeline (everything if None)."""
-        cut = len(self.pcm) if until_ms is None else min(len(self.pcm), max(0, until_ms * 24 - self.start) * 2)
-        taken = bytes(self.pcm[:cut])
+    def index(self, position: int) -> int:
+        """The 16 kHz output index of a timeline position."""
+        return round((position - self.origin) * 2 / 3)
+
+    def append(self, pcm: bytes) -> None:
+        self.pcm += pcm
+        self.audio.push(pcm)
+
+    def _cut(self, until_ms: int | None) -> int:
+        return len(self.pcm) if until_ms is None else min(len(self.pcm), max(0, until_ms * 24 - self.start) * 2)
+
+    def take(self, until_ms: int | None = None) -> np.ndarray:
+        """Removes the audio up to `until_ms` on the timeline (everything if None) and returns it at 16 kHz: the
+        resampled stream's samples; what stays is resampled afresh (blocking)."""
+        cut = self._cut(until_ms)
+        self.audio.flush()
+        begin = self.index(self.start)
+        end = self.audio.produced if cut == len(self.pcm) else self.index(self.start + cut // 2)
+        samples = self.audio.slice(begin, end)
         del self.pcm[:cut]
         self.start += cut // 2
-        return taken
+        self.audio, self.origin = Resampled(), self.start
+        self.audio.push(bytes(self.pcm))
+        return samples
 
     def keep_from(self, ms: int) -> None:
         """Drops audio before `ms` on the timeline (what server VAD will never commit)."""
-        self.take(ms)
+        cut = self._cut(ms)
+        del self.pcm[:cut]
+        self.start += cut // 2
+        self.audio.drop_before(self.index(self.start))
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest_asyncio
 import websockets
-from live import MODEL, live_server
+from live import MODEL, live_server, settled
 
 from omnitalk.server.settings import ServerSettings
 
@@ -72,23 +72,6 @@ async def abort_many(url: str, rng: random.Random, num_http: int, num_realtime: 
 def own_threads() -> int:
     """Threads other than the default executor's workers (asyncio.to_thread), which are bounded and reused."""
     return sum(1 for t in threading.enumerate() if not t.name.startswith("asyncio_"))
-
-
-async def settled(state) -> bool:
-    engine = state.engine
-    for _ in range(400):
-        idle = (
-            state.limiter.active == 0
-            and state.metrics.live_streams._value.get() == 0
-            and engine.thinker.num_open_streams == 0
-            and not engine.thinker.llm.output_processor.has_unfinished_requests()
-            and engine.speech.num_streams == 0
-            and engine.speech.talker.num_free_slots == engine.speech.max_batch
-        )
-        if idle:
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 async def test_two_hundred_aborted_streams_leave_nothing_behind(leaky):

@@ -1,0 +1,144 @@
+"""Streaming input on the Realtime path: a user turn is prefilled while it is spoken (setting `ingest_audio`), is
+answered from the ingest session, says what the same turn says with ingestion off, and leaves nothing open when
+the turn ends without an answer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from live import live_server, settled
+from realtime_client import chunks, raw, silence, speech
+
+from omnitalk.engine import media
+from omnitalk.server.realtime.input_audio import Resampled
+from omnitalk.server.realtime.protocol import SAMPLE_RATE
+
+GREEDY = {"type": "realtime", "temperature": 0.0, "max_output_tokens": 8}
+MANUAL = {**GREEDY, "audio": {"input": {"turn_detection": None}}}
+
+
+def test_the_stream_resampled_in_pieces_is_the_buffer_resampled_at_once():
+    rng = np.random.default_rng(0)
+    pcm = (rng.standard_normal(SAMPLE_RATE * 7) * 8000).clip(-32768, 32767).astype("<i2")
+    audio, start = Resampled(), 0
+    while start < len(pcm):
+        size = int(rng.integers(1, 4000))
+        audio.push(pcm[start : start + size].tobytes())
+        start += size
+    audio.flush()
+    at_once = media.load_audio(pcm.tobytes(), format=media.PCM16, sample_rate=SAMPLE_RATE)
+    assert np.array_equal(audio.slice(0, audio.produced), at_once)
+
+
+def answers(state) -> tuple[float, float, float]:
+    m = state.metrics
+    return (
+        m.ingested_turns.labels("session")._value.get(),
+        m.ingested_turns.labels("fallback")._value.get(),
+        m.ingested_blocks._value.get(),
+    )
+
+
+async def send(ws, event: dict[str, Any]) -> None:
+    await ws.send(json.dumps(event))
+
+
+async def append(ws, samples: np.ndarray) -> None:
+    for chunk in chunks(samples):
+        await send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+
+
+async def manual_turn(url: str, samples: np.ndarray) -> str:
+    async with raw(url) as (ws, events):
+        await send(ws, {"type": "session.update", "session": MANUAL})
+        await events.until("session.updated")
+        await append(ws, samples)
+        await send(ws, {"type": "input_audio_buffer.commit"})
+        await events.until("conversation.item.done")
+        await send(ws, {"type": "response.create"})
+        done = (await events.until("response.done"))[-1]
+        return done["response"]["output"][0]["content"][0]["transcript"]
+
+
+async def vad_turn(url: str, samples: np.ndarray) -> str:
+    async with raw(url) as (ws, events):
+        await send(ws, {"type": "session.update", "session": GREEDY})
+        await events.until("session.updated")
+        await append(ws, samples)
+        done = (await events.until("response.done"))[-1]
+        return done["response"]["output"][0]["content"][0]["transcript"]
+
+
+def fading(seconds: float) -> np.ndarray:
+    """Speech that grows quieter: its loudest log-mel value is in the first 2 s block, so no later block moves
+    the clamp of the blocks prefilled before it (`ThinkerIngest` falls back when one does; plain `speech` does)."""
+    samples = speech(seconds)
+    return samples * np.linspace(1.0, 0.5, len(samples), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def utterances() -> dict[str, np.ndarray]:
+    return {
+        "manual": fading(7.0),
+        "vad": np.concatenate([silence(0.6), fading(4.5), silence(0.8)]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["manual", "vad"])
+async def test_a_spoken_turn_is_answered_from_its_ingest_session(server, omni, settings, utterances, kind):
+    url, state = server
+    turn = manual_turn if kind == "manual" else vad_turn
+    session, fallback, blocks = answers(state)
+    ingested = await turn(url, utterances[kind])
+    after = answers(state)
+    assert after[:2] == (session + 1, fallback)  # answered from the session, not the conversation sent at once
+    assert after[2] >= blocks
+    off = settings.model_copy(update={"ingest_audio": False})
+    async with live_server(omni, off) as (off_url, off_state):
+        sent_at_once = await turn(off_url, utterances[kind])
+        assert answers(off_state) == (0, 0, 0)
+    assert ingested == sent_at_once and ingested
+
+
+async def opened(ws, events, state) -> None:
+    """Every event sent so far is handled (they are in order) and the turn's ingest is open."""
+    await send(ws, {"type": "conversation.item.retrieve", "item_id": "none"})
+    await events.until("error")
+    assert state.engine.thinker.num_open_streams == 1
+
+
+async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_nothing_open(server):
+    url, state = server
+    async with raw(url) as (ws, events):
+        await send(ws, {"type": "session.update", "session": MANUAL})
+        await events.until("session.updated")
+        await append(ws, speech(2.5))
+        await opened(ws, events, state)
+        await send(ws, {"type": "input_audio_buffer.clear"})
+        await events.until("input_audio_buffer.cleared")
+        assert await settled(state)
+
+        await append(ws, speech(2.5))
+        await opened(ws, events, state)
+        await send(ws, {"type": "input_audio_buffer.commit"})
+        await events.until("conversation.item.done")
+        await send(ws, {"type": "response.create", "response": {"max_output_tokens": 200}})
+        await events.until("response.created")
+        await send(ws, {"type": "response.cancel"})
+        assert (await events.until("response.done"))[-1]["response"]["status"] == "cancelled"
+        assert await settled(state)
+
+        await append(ws, speech(2.5))
+        await opened(ws, events, state)
+    assert await settled(state)  # the client left mid-utterance
+
+    async with raw(url) as (ws, events):  # server VAD: a turn started, then the detector is replaced
+        await append(ws, np.concatenate([silence(0.5), speech(2.0)]))
+        await events.until("input_audio_buffer.speech_started")
+        await opened(ws, events, state)
+        await send(ws, {"type": "session.update", "session": MANUAL})
+        await events.until("session.updated")
+        assert await settled(state)
