@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import re
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +69,13 @@ async def wait_ready(url: str, server: subprocess.Popen, timeout: float = 600.0)
     raise TimeoutError(f"the server at {url} was not ready after {timeout:.0f} s")
 
 
-async def through_server(args: argparse.Namespace, inputs: list[BenchInput], loads: list[Load]) -> list[RunResult]:
+@contextlib.asynccontextmanager
+async def served(flags: list[str], env: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """`omnitalk serve` with `flags` on a free port, ready; yields its URL and stops it on exit."""
     port = free_port()
-    command = [str(Path(sys.executable).parent / "omnitalk"), "serve", "--port", str(port)]
-    command += ["--max-concurrent-streams", str(max(args.concurrency))]
-    if args.model:
-        command += ["--model", str(args.model)]
+    command = [str(Path(sys.executable).parent / "omnitalk"), "serve", "--port", str(port), *flags]
     log = tempfile.NamedTemporaryFile("w+", prefix="omnitalk-serve-", suffix=".log", delete=False)  # noqa: SIM115
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     print(f"server log: {log.name}", file=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -83,15 +84,23 @@ async def through_server(args: argparse.Namespace, inputs: list[BenchInput], loa
         except (RuntimeError, TimeoutError):
             print(Path(log.name).read_text()[-3000:], file=sys.stderr)
             raise
-        model = await server_model(url)
-        config = BenchConfig(url, model, inputs, loads, ("http",), VOICE, args.max_tokens, warmups=1)
-        return (await run_bench(config)).runs
+        yield url
     finally:
         server.terminate()
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+async def through_server(args: argparse.Namespace, inputs: list[BenchInput], loads: list[Load]) -> list[RunResult]:
+    flags = ["--max-concurrent-streams", str(max(args.concurrency))]
+    if args.model:
+        flags += ["--model", str(args.model)]
+    async with served(flags) as url:
+        model = await server_model(url)
+        config = BenchConfig(url, model, inputs, loads, ("http",), VOICE, args.max_tokens, warmups=1)
+        return (await run_bench(config)).runs
 
 
 def engine_sender(engine: Any, args: argparse.Namespace) -> Any:

@@ -21,15 +21,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from serve_bench import free_port, wait_ready
+from serve_bench import served
 
 from omnitalk.clients.bench.cli import server_model
 from omnitalk.clients.bench.inputs import utterance_inputs
@@ -58,28 +56,12 @@ def mode_name(mode: bool | None) -> str:
 
 async def with_server(model: Path, mode: bool | None, runs: Any) -> Any:
     """`runs(url)` against `omnitalk serve` on `model`, with ingestion set to `mode` (None: left alone)."""
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "omnitalk"), "serve", "--model", str(model), "--port", str(port)]
     env = dict(os.environ)
     if mode is not None:
         env["OMNITALK_" + SETTING.upper()] = "true" if mode else "false"
-    log = tempfile.NamedTemporaryFile("w+", prefix="omnitalk-serve-", suffix=".log", delete=False)  # noqa: SIM115
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    print(f"ingestion {mode_name(mode)}: server log {log.name}", file=sys.stderr)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            await wait_ready(url, server)
-        except (RuntimeError, TimeoutError):
-            print(Path(log.name).read_text()[-3000:], file=sys.stderr)
-            raise
+    print(f"ingestion {mode_name(mode)}:", file=sys.stderr)
+    async with served(["--model", str(model)], env) as url:
         return await runs(url)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 async def measure(args: argparse.Namespace, url: str) -> tuple[RunResult, RunResult]:
