@@ -1,8 +1,8 @@
 """Speech: omnitalk's engine vs transformers' generate() on the same requests, then throughput at N streams.
 
 .venv/bin/python benchmarks/speech.py [--model DIR] [--threads 1] [--rounds 3] [--codes 250 1000]
-    [--concurrency 1 4 8] [--ode-solver rk4|euler] [--first-chunk-codes 48|24|12] [--plain-transformers]
-    [--machine TEXT] [--no-doc]
+    [--concurrency 1 4 8] [--ratio-rounds 5] [--ode-solver rk4|euler] [--first-chunk-codes 48|24|12]
+    [--plain-transformers] [--machine TEXT] [--no-doc]
 """
 
 from __future__ import annotations
@@ -146,19 +146,46 @@ LOAD = ("streams", "audio s (sum)", "wall s", "audio s / wall s", "mean TTFA s",
 LOAD += ("mean RTF", "worst RTF", "mean stall s", "talker busy", "code2wav busy")
 
 
-async def load(engine: OmniEngine, n: int, codes: int, busy: dict[str, float], rounds: int) -> tuple[str, float]:
+async def load(
+    engine: OmniEngine, n: int, codes: int, busy: dict[str, float], rounds: int, tag: str = "load"
+) -> tuple[str, float]:
     """`rounds` batches of N concurrent answers (distinct talker seeds): the row of the median batch by wall time
     and its audio s / wall s."""
     batches = []
     for k in range(rounds):
         busy.update(talker=0.0, code2wav=0.0)
         start = time.perf_counter()
-        done = await asyncio.gather(*(ours(engine, f"load-{n}-{k}-{i}", codes, 100 + i) for i in range(n)))
+        done = await asyncio.gather(*(ours(engine, f"{tag}-{n}-{k}-{i}", codes, 100 + i) for i in range(n)))
         wall, audio, rtfs = time.perf_counter() - start, sum(x.audio for x in done), [x.rtf for x in done]
         ttfa, text, stall = (statistics.mean(getattr(x, f) for x in done) for f in ("ttfa", "text_done", "stall"))
         cells = [n, audio, wall, audio / wall, ttfa, text, statistics.mean(rtfs), max(rtfs), stall]
         batches.append((wall, row(*cells, *(f"{busy[s] / wall:.0%}" for s in ("talker", "code2wav"))), audio / wall))
     return sorted(batches)[len(batches) // 2][1:]
+
+
+RATIO = ("round", "first", "transformers audio s / wall s (one at a time)", "omnitalk audio s / wall s (N streams)")
+RATIO += ("ratio",)
+
+
+async def ratios(
+    engine: OmniEngine, reference: Transformers, n: int, codes: int, busy: dict[str, float], rounds: int
+) -> tuple[list[str], float]:
+    """`rounds` side-by-side measurements, each transformers' one ~codes answer and ours at N concurrent ones
+    right after each other (alternating which goes first): the table rows and the median of the ratios."""
+    lines, values = [], []
+    for r in range(rounds):
+        order = ("transformers", "omnitalk")[:: 1 if r % 2 == 0 else -1]
+        measured: dict[str, float] = {}
+        for name in order:
+            if name == "transformers":
+                busy.update(thinker=0.0, talker=0.0, code2wav=0.0)
+                run = reference.run(codes, 1)
+                measured[name] = run.audio / run.total
+            else:
+                measured[name] = (await load(engine, n, codes, busy, 1, f"ratio-{r}"))[1]
+        values.append(measured["omnitalk"] / measured["transformers"])
+        lines.append(row(r + 1, order[0], measured["transformers"], measured["omnitalk"], f"{values[-1]:.1f}x"))
+    return lines, statistics.median(values)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -175,7 +202,6 @@ async def main(args: argparse.Namespace) -> None:
     speech.talker.step = timed(speech.talker.step, busy, "talker")  # type: ignore[method-assign]
     speech.code2wav.decode = timed(speech.code2wav.decode, busy, "code2wav")  # type: ignore[method-assign]
     lines = [row(*COMPARE), row(*["---"] * len(COMPARE))]
-    sequential, concurrent = 0.0, 0.0  # transformers' audio s / wall s at codes[0]; ours at the last concurrency
     try:
         await ours(engine, "warmup", 50, 0)
         reference.run(50, 0)
@@ -190,8 +216,6 @@ async def main(args: argparse.Namespace) -> None:
                     stages[name].append((busy["talker"], busy["code2wav"]))
             for name, rs in runs.items():
                 m, talker, code2wav = median_run(rs), *(map(statistics.median, zip(*stages[name], strict=True)))
-                if name == "transformers" and codes == args.codes[0]:
-                    sequential = m.audio / m.total
                 ttfa = f"{m.ttfa:.2f}" + (" (= total)" if name == "transformers" else "")
                 answer = f"~{codes / CODES_PER_S:.0f} s ({codes})"
                 lines.append(
@@ -199,15 +223,18 @@ async def main(args: argparse.Namespace) -> None:
                 )
         lines += ["", row(*LOAD), row(*["---"] * len(LOAD))]
         for n in args.concurrency:
-            line, concurrent = await load(engine, n, args.codes[0], busy, args.rounds)
-            lines.append(line)
+            lines.append((await load(engine, n, args.codes[0], busy, args.rounds))[0])
+        n = args.concurrency[-1]
+        lines += ["", row(*RATIO).replace("N streams", f"{n} streams"), row(*["---"] * len(RATIO))]
+        side_by_side, median = await ratios(engine, reference, n, args.codes[0], busy, args.ratio_rounds)
+        lines += side_by_side
     finally:
         engine.shutdown()
     table = "\n".join(lines)
     goal = (
-        f"At {args.concurrency[-1]} streams ours gives {concurrent:.2f} audio s / wall s against transformers' "
-        f"sequential {sequential:.2f} (one ~{args.codes[0] / CODES_PER_S:.0f} s answer at a time): "
-        f"{concurrent / sequential:.1f}x (the goal of issue 10: 5x at 8 streams)."
+        f"At {n} streams ours against transformers' sequential figure (one ~{args.codes[0] / CODES_PER_S:.0f} s "
+        f"answer at a time), measured side by side in each of {args.ratio_rounds} rounds: median {median:.1f}x "
+        f"(the goal of issue 10: 5x at 8 streams)."
     )
     print(table, goal, sep="\n\n")
     if not args.no_doc:
@@ -224,7 +251,10 @@ N concurrent ~{args.codes[0] / CODES_PER_S:.0f} s answers through `OmniEngine` (
 Code2Wav's `{args.ode_solver}` solver and a {args.first_chunk_codes}-code first chunk. Answer length
 is set by the talker's `max_tokens` (50 codes per second of audio); the thinker gets {thinker_tokens(args.codes[0])} to
 {thinker_tokens(args.codes[-1])} tokens, greedy; talker sampling is seeded alike on both sides. Comparison rows are
-medians of {args.rounds} runs; each load row is the batch with the median wall time of {args.rounds}.
+medians of {args.rounds} runs; each load row is the batch with the median wall time of {args.rounds}. The
+ratio rows measure, in each of {args.ratio_rounds} rounds, one transformers answer and one batch of ours at the last
+concurrency right after each other (alternating which goes first, after the warm-up and every row above), so that
+both see the same load from other jobs; the figure is their median ratio.
 
 Date {datetime.date.today()}; {args.machine}; model {args.model or "tiny"}.
 Command: `.venv/bin/python benchmarks/speech.py{"".join(" " + a for a in sys.argv[1:])}`.
@@ -268,6 +298,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--codes", type=int, nargs="+", default=[250, 1000], help="talker max_tokens per answer")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--ratio-rounds", type=int, default=5, help="side-by-side rounds at the last concurrency")
     parser.add_argument("--ode-solver", default="rk4", choices=["rk4", "euler"], help="ours (transformers: rk4)")
     parser.add_argument("--first-chunk-codes", type=int, default=48, choices=[48, 24, 12])
     parser.add_argument("--plain-transformers", action="store_true", help="without the talker mask fix")

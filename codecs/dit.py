@@ -17,10 +17,11 @@ from omnitalk.codecs.ecapa import ECAPA
 class DiTInputs:
     """Everything but x_t and t, built once per ODE solve. Rows: conditional streams, then unconditional."""
 
-    context: torch.Tensor  # [2B, L, hidden]: the input projection of all but x_t (speaker, codes, x-vector), bias in
-    masks: list[torch.Tensor]  # per layer, bool [2B or 1, 1, L, L]: which keys each query may see
-    cos: torch.Tensor  # [L, head_dim] RoPE of positions 0..L-1 (window-relative)
+    context: torch.Tensor  # [2B, P, hidden]: the input projection of all but x_t (speaker, codes, x-vector), bias in
+    masks: list[torch.Tensor]  # per layer, additive [2B or 1, 1, P / block, block, keys]: 0 seen, -inf not
+    cos: torch.Tensor  # [P, head_dim] RoPE of positions 0..P-1 (window-relative)
     sin: torch.Tensor
+    # P: the window's L frames right-padded to whole blocks; `keys` = the layer's neighbour blocks x block
 
 
 @dataclass(slots=True)
@@ -69,8 +70,12 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, heads * head_dim)
         self.to_out = nn.ModuleList([nn.Linear(heads * head_dim, dim)])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, reach: tuple[int, int]
+    ) -> torch.Tensor:
+        """x [B, P, dim] in blocks of `mask`'s size; `reach`: (blocks back, blocks ahead) each block sees."""
         batch, frames, _ = x.shape
+        blocks, block = mask.shape[2], mask.shape[3]
         q, k, v = (
             p(x).view(batch, frames, self.heads, self.head_dim).transpose(1, 2)
             for p in (self.to_q, self.to_k, self.to_v)
@@ -79,8 +84,23 @@ class Attention(nn.Module):
         # head gives the same q.k (both sides are permuted alike), as transformers does.
         q = torch.cat([_rope(q[:, :1], cos, sin), q[:, 1:]], dim=1)
         k = torch.cat([_rope(k[:, :1], cos, sin), k[:, 1:]], dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out[0](out.transpose(1, 2).reshape(batch, frames, -1))
+        # Block-local attention computed block by block: each query block against its neighbour blocks
+        # only, not the whole window (what the mask hides is never multiplied). Softmax in fp32.
+        q = q.unflatten(2, (blocks, block)) * self.head_dim**-0.5
+        keys, values = (_neighbours(t.unflatten(2, (blocks, block)), *reach) for t in (k, v))
+        scores = (q @ keys.transpose(-1, -2)).float() + mask
+        out = scores.softmax(-1).to(values.dtype) @ values  # [B, heads, blocks, block, head_dim]
+        return self.to_out[0](out.flatten(2, 3).transpose(1, 2).reshape(batch, frames, -1))
+
+
+def _neighbours(blocks: torch.Tensor, back: int, ahead: int) -> torch.Tensor:
+    """[B, H, n, block, d] -> [B, H, n, (back + 1 + ahead) * block, d]: blocks i - back .. i + ahead for each
+    block i, zeros past either end (the mask hides them)."""
+    if back == ahead == 0:
+        return blocks
+    padded = F.pad(blocks, (0, 0, 0, 0, back, ahead))
+    n = blocks.shape[2]
+    return torch.cat([padded[:, :, j : j + n] for j in range(back + 1 + ahead)], dim=3)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,7 +148,9 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, mod: torch.Tensor, inputs: DiTInputs, mask: torch.Tensor) -> torch.Tensor:
         """`mod` [6, hidden]: this evaluation time's row of `Modulation.blocks`."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = torch.addcmul(x, gate_msa, self.attn(_layer_norm(x, scale_msa, shift_msa), inputs.cos, inputs.sin, mask))
+        reach = (self.look_back, self.look_ahead)
+        attn = self.attn(_layer_norm(x, scale_msa, shift_msa), inputs.cos, inputs.sin, mask, reach)
+        x = torch.addcmul(x, gate_msa, attn)
         return torch.addcmul(x, gate_mlp, self.ff(_layer_norm(x, scale_mlp, shift_mlp)))
 
 
@@ -188,10 +210,15 @@ class DiT(nn.Module):
         )
         proj = self.input_embed.proj
         context = F.linear(context, proj.weight[:, self.mel_dim :], proj.bias)  # x_t's columns come first
-        positions = torch.arange(frames, device=codes.device, dtype=torch.float)
+        padded = -(-frames // self.block_size) * self.block_size  # whole blocks; the frames past L are masked
+        context = F.pad(context, (0, 0, 0, padded - frames))
+        positions = torch.arange(padded, device=codes.device, dtype=torch.float)
         angles = positions[:, None] * self.inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
-        masks = self._masks(frames, lengths, codes.device, uncond_spk is not None, per_row_masks)
+        rows = lengths * 2 if uncond_spk is not None else lengths
+        if not per_row_masks and len(set(rows)) == 1:
+            rows = rows[:1]  # one mask row serves every row
+        masks = self._masks(padded, rows, codes.device)
         per_layer = [masks[b.look_back, b.look_ahead] for b in self.transformer_blocks]
         return DiTInputs(context, per_layer, angles.cos().to(context.dtype), angles.sin().to(context.dtype))
 
@@ -200,37 +227,38 @@ class DiT(nn.Module):
         t_emb = self.time_embed(times)
         return Modulation([block.attn_norm(t_emb) for block in self.transformer_blocks], self.norm_out(t_emb))
 
-    def _masks(
-        self, frames: int, lengths: list[int], device: torch.device, doubled: bool, per_row: bool
-    ) -> dict[tuple[int, int], torch.Tensor]:
-        block = torch.arange(frames, device=device) // self.block_size
-        diff = block[None, :] - block[:, None]  # key block - query block
-        padded = per_row or any(n < frames for n in lengths)
-        if padded:
-            key_valid = torch.arange(frames, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-            if doubled:
-                key_valid = torch.cat([key_valid, key_valid], dim=0)
-            # Padding queries see themselves, so no softmax row is empty (NaN would leak through 0 * NaN).
-            eye = torch.eye(frames, dtype=torch.bool, device=device)
+    def _masks(self, frames: int, lengths: list[int], device: torch.device) -> dict[tuple[int, int], torch.Tensor]:
+        """Per (blocks back, blocks ahead) of the layers, the additive fp32 mask [len(lengths), 1, blocks, block,
+        keys] of `frames` (whole blocks): a query sees the keys of its neighbour blocks that lie inside its row's
+        valid length, and itself. Padding queries see only themselves, so no softmax row is empty (NaN would
+        leak into valid rows through 0 * NaN)."""
+        block = self.block_size
+        blocks = frames // block
+        query = torch.arange(frames, device=device).view(blocks, block, 1)
+        length = torch.tensor(lengths, device=device).view(-1, 1, 1, 1)
         masks = {}
         for b in self.transformer_blocks:
-            key = (b.look_back, b.look_ahead)
-            if key not in masks:
-                mask = (diff >= -b.look_back) & (diff <= b.look_ahead)
-                mask = (mask[None] & key_valid[:, None, :]) | eye if padded else mask[None]
-                masks[key] = mask.unsqueeze(1)
+            reach = (b.look_back, b.look_ahead)
+            if reach not in masks:
+                first = torch.arange(blocks, device=device)[:, None] - b.look_back  # each block's first neighbour
+                neighbour = first + torch.arange(sum(reach) + 1, device=device)[None, :]
+                key = (neighbour[:, :, None] * block + torch.arange(block, device=device)).view(blocks, 1, -1)
+                seen = ((key >= 0) & (key < length)) | (key == query)  # [rows, blocks, block, keys]
+                mask = torch.zeros(seen.shape, device=device).masked_fill_(~seen, -torch.inf)
+                masks[reach] = mask.unsqueeze(1)
         return masks
 
     def forward(self, x: torch.Tensor, stage: int, inputs: DiTInputs, modulation: Modulation) -> torch.Tensor:
         """x [B, L, mel] at the `stage`-th time of `modulation` -> predicted velocity [R, L, mel] for the R rows
         of `inputs` (B, or 2B with guidance: both halves see the same x, so it is projected once)."""
-        proj = self.input_embed.proj
+        proj, frames = self.input_embed.proj, x.shape[1]
+        x = F.pad(x, (0, 0, 0, inputs.context.shape[1] - frames))
         h = inputs.context.unflatten(0, (-1, x.shape[0])) + F.linear(x, proj.weight[:, : self.mel_dim])
         h = h.flatten(0, 1)
         for block, mod, mask in zip(self.transformer_blocks, modulation.blocks, inputs.masks, strict=True):
             h = block(h, mod[stage], inputs, mask)
         scale, shift = modulation.out[stage]
-        return self.proj_out(_layer_norm(h, scale, shift))
+        return self.proj_out(_layer_norm(h[:, :frames], scale, shift))
 
     def velocity(
         self, x: torch.Tensor, stage: int, inputs: DiTInputs, modulation: Modulation, guidance_scale: float
