@@ -67,9 +67,19 @@ def sample(
 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, params: list[TalkerSampling], suppress: list[int]):
     """Repetition penalty over the seen codes (transformers' rule: negative scores times, positive divided),
-    then the suppressed codes at -inf."""
-    penalty = logits.new_tensor([p.repetition_penalty for p in params])[:, None]
-    scores = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    then the suppressed codes at -inf.
+
+    With a penalty p > 1 the rule's pick is always the smaller of x * p and x / p (the larger with p < 1; the
+    same value with p = 1), so it is taken with min / max, exactly, instead of a select on each score's sign
+    (which costs several times as much on a CPU: the signs are random)."""
+    values = [p.repetition_penalty for p in params]
+    penalty = logits.new_tensor(values)[:, None]
+    times, divided = logits * penalty, logits / penalty
+    if all(v >= 1 for v in values):
+        penalised = torch.minimum(times, divided)
+    else:
+        penalised = torch.where(penalty < 1, torch.maximum(times, divided), torch.minimum(times, divided))
+    scores = torch.where(seen, penalised, logits)
     scores[:, suppress] = -torch.inf
     return scores
 
