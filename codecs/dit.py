@@ -18,7 +18,7 @@ class DiTInputs:
     """Everything but x_t and t, built once per ODE solve. Rows: conditional streams, then unconditional."""
 
     context: torch.Tensor  # [2B, P, hidden]: the input projection of all but x_t (speaker, codes, x-vector), bias in
-    masks: list[torch.Tensor]  # per layer, additive [2B or 1, 1, P / block, block, keys]: 0 seen, -inf not
+    masks: list[torch.Tensor]  # per layer, bool [2B or 1, heads * P / block, block, keys]: True where seen
     cos: torch.Tensor  # [P, head_dim] RoPE of positions 0..P-1 (window-relative)
     sin: torch.Tensor
     # P: the window's L frames right-padded to whole blocks; `keys` = the layer's neighbour blocks x block
@@ -75,7 +75,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, P, dim] in blocks of `mask`'s size; `reach`: (blocks back, blocks ahead) each block sees."""
         batch, frames, _ = x.shape
-        blocks, block = mask.shape[2], mask.shape[3]
+        block = mask.shape[2]
+        blocks = frames // block
         q, k, v = (
             p(x).view(batch, frames, self.heads, self.head_dim).transpose(1, 2)
             for p in (self.to_q, self.to_k, self.to_v)
@@ -84,13 +85,12 @@ class Attention(nn.Module):
         # head gives the same q.k (both sides are permuted alike), as transformers does.
         q = torch.cat([_rope(q[:, :1], cos, sin), q[:, 1:]], dim=1)
         k = torch.cat([_rope(k[:, :1], cos, sin), k[:, 1:]], dim=1)
-        # Block-local attention computed block by block: each query block against its neighbour blocks
-        # only, not the whole window (what the mask hides is never multiplied). Softmax in fp32.
-        q = q.unflatten(2, (blocks, block)) * self.head_dim**-0.5
-        keys, values = (_neighbours(t.unflatten(2, (blocks, block)), *reach) for t in (k, v))
-        scores = (q @ keys.transpose(-1, -2)).float() + mask
-        out = scores.softmax(-1).to(values.dtype) @ values  # [B, heads, blocks, block, head_dim]
-        return self.to_out[0](out.flatten(2, 3).transpose(1, 2).reshape(batch, frames, -1))
+        # Block-local attention computed block by block: each query block is a "head" of its own that sees
+        # only its neighbour blocks, not the whole window (what the mask hides is never multiplied).
+        q = q.unflatten(2, (blocks, block)).flatten(1, 2)
+        keys, values = (_neighbours(t.unflatten(2, (blocks, block)), *reach).flatten(1, 2) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, heads * blocks, block, d]
+        return self.to_out[0](out.view(batch, self.heads, frames, -1).transpose(1, 2).reshape(batch, frames, -1))
 
 
 def _neighbours(blocks: torch.Tensor, back: int, ahead: int) -> torch.Tensor:
@@ -228,9 +228,9 @@ class DiT(nn.Module):
         return Modulation([block.attn_norm(t_emb) for block in self.transformer_blocks], self.norm_out(t_emb))
 
     def _masks(self, frames: int, lengths: list[int], device: torch.device) -> dict[tuple[int, int], torch.Tensor]:
-        """Per (blocks back, blocks ahead) of the layers, the additive fp32 mask [len(lengths), 1, blocks, block,
-        keys] of `frames` (whole blocks): a query sees the keys of its neighbour blocks that lie inside its row's
-        valid length, and itself. Padding queries see only themselves, so no softmax row is empty (NaN would
+        """Per (blocks back, blocks ahead) of the layers, the mask [len(lengths), heads * blocks, block, keys] of
+        `frames` (whole blocks): a query sees the keys of its neighbour blocks that lie inside its row's valid
+        length, and itself. Padding queries see only themselves, so no softmax row is empty (NaN would
         leak into valid rows through 0 * NaN)."""
         block = self.block_size
         blocks = frames // block
@@ -244,8 +244,8 @@ class DiT(nn.Module):
                 neighbour = first + torch.arange(sum(reach) + 1, device=device)[None, :]
                 key = (neighbour[:, :, None] * block + torch.arange(block, device=device)).view(blocks, 1, -1)
                 seen = ((key >= 0) & (key < length)) | (key == query)  # [rows, blocks, block, keys]
-                mask = torch.zeros(seen.shape, device=device).masked_fill_(~seen, -torch.inf)
-                masks[reach] = mask.unsqueeze(1)
+                heads = b.attn.heads
+                masks[reach] = seen.unsqueeze(1).expand(-1, heads, -1, -1, -1).flatten(1, 2).contiguous()
         return masks
 
     def forward(self, x: torch.Tensor, stage: int, inputs: DiTInputs, modulation: Modulation) -> torch.Tensor:
