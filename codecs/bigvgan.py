@@ -37,7 +37,7 @@ class SnakeBeta(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = torch.exp(self.alpha)[None, :, None]
         beta = torch.exp(self.beta)[None, :, None]
-        return x + (1.0 / (beta + 1e-9)) * torch.pow(torch.sin(x * alpha), 2)
+        return torch.addcmul(x, 1.0 / (beta + 1e-9), torch.sin(x * alpha).square())  # 4 passes over x, not 5
 
 
 class AntiAliasedSnake(nn.Module):
