@@ -148,9 +148,9 @@ LOAD += ("mean RTF", "worst RTF", "mean stall s", "talker busy", "code2wav busy"
 
 async def load(
     engine: OmniEngine, n: int, codes: int, busy: dict[str, float], rounds: int, tag: str = "load"
-) -> tuple[str, float]:
-    """`rounds` batches of N concurrent answers (distinct talker seeds): the row of the median batch by wall time
-    and its audio s / wall s."""
+) -> list[Any]:
+    """`rounds` batches of N concurrent answers (distinct talker seeds): the cells (`LOAD`) of the median batch
+    by wall time."""
     batches = []
     for k in range(rounds):
         busy.update(talker=0.0, code2wav=0.0)
@@ -159,12 +159,12 @@ async def load(
         wall, audio, rtfs = time.perf_counter() - start, sum(x.audio for x in done), [x.rtf for x in done]
         ttfa, text, stall = (statistics.mean(getattr(x, f) for x in done) for f in ("ttfa", "text_done", "stall"))
         cells = [n, audio, wall, audio / wall, ttfa, text, statistics.mean(rtfs), max(rtfs), stall]
-        batches.append((wall, row(*cells, *(f"{busy[s] / wall:.0%}" for s in ("talker", "code2wav"))), audio / wall))
-    return sorted(batches)[len(batches) // 2][1:]
+        batches.append([*cells, *(f"{busy[s] / wall:.0%}" for s in ("talker", "code2wav"))])
+    return sorted(batches, key=lambda cells: cells[2])[len(batches) // 2]
 
 
 RATIO = ("round", "first", "transformers audio s / wall s (one at a time)", "omnitalk audio s / wall s (N streams)")
-RATIO += ("ratio",)
+RATIO += ("ratio", "omnitalk wall s", "mean TTFA s", "mean text done s", "talker busy", "code2wav busy")
 
 
 async def ratios(
@@ -175,16 +175,16 @@ async def ratios(
     lines, values = [], []
     for r in range(rounds):
         order = ("transformers", "omnitalk")[:: 1 if r % 2 == 0 else -1]
-        measured: dict[str, float] = {}
         for name in order:
             if name == "transformers":
                 busy.update(thinker=0.0, talker=0.0, code2wav=0.0)
                 run = reference.run(codes, 1)
-                measured[name] = run.audio / run.total
             else:
-                measured[name] = (await load(engine, n, codes, busy, 1, f"ratio-{r}"))[1]
-        values.append(measured["omnitalk"] / measured["transformers"])
-        lines.append(row(r + 1, order[0], measured["transformers"], measured["omnitalk"], f"{values[-1]:.1f}x"))
+                cells = await load(engine, n, codes, busy, 1, f"ratio-{r}")
+        sequential = run.audio / run.total
+        values.append(cells[3] / sequential)
+        details = [cells[i] for i in (2, 4, 5, 9, 10)]
+        lines.append(row(r + 1, order[0], sequential, cells[3], f"{values[-1]:.1f}x", *details))
     return lines, statistics.median(values)
 
 
@@ -223,7 +223,7 @@ async def main(args: argparse.Namespace) -> None:
                 )
         lines += ["", row(*LOAD), row(*["---"] * len(LOAD))]
         for n in args.concurrency:
-            lines.append((await load(engine, n, args.codes[0], busy, args.rounds))[0])
+            lines.append(row(*await load(engine, n, args.codes[0], busy, args.rounds)))
         n = args.concurrency[-1]
         lines += ["", row(*RATIO).replace("N streams", f"{n} streams"), row(*["---"] * len(RATIO))]
         side_by_side, median = await ratios(engine, reference, n, args.codes[0], busy, args.ratio_rounds)
