@@ -245,7 +245,7 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
     next_position = 0
     done: ThinkerDone | None = None
     while done is None or (with_rows and next_position < done.num_prompt_tokens + done.num_generated_tokens - 1):
-        for event in await _everything_queued(queue):
+        for event in _with_the_rest(await queue.get(), queue):
             match event:
                 case _Failed():
                     raise event.error
@@ -253,11 +253,12 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
                     positions = event.positions
                 case HiddenStates():
                     skip = next_position - event.first_position  # recompute after preemption re-sends positions
-                    if skip >= len(event.rows):
+                    end = event.first_position + event.rows.shape[0]
+                    if end <= next_position:
                         continue
                     if skip > 0:
                         event = HiddenStates(next_position, event.rows[skip:])
-                    next_position = event.first_position + len(event.rows)
+                    next_position = end
                     held.append(event)
                 case ThinkerStart():
                     start = event
@@ -277,10 +278,9 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
     yield done
 
 
-async def _everything_queued(queue: asyncio.Queue) -> list:
-    """Waits for the first item, then takes all that are queued with it, the items of an `_Arrived` in place."""
+def _with_the_rest(item, queue: asyncio.Queue) -> list:
+    """`item` and every item queued after it, the items of an `_Arrived` in place: one wake-up takes them all."""
     items = []
-    item = await queue.get()
     while True:
         if isinstance(item, _Arrived):
             items += item.items
