@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
-import zmq
-import zmq.asyncio
 from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -22,6 +20,7 @@ from omnitalk.engine.thinker import rows as wire
 from omnitalk.engine.thinker.config import ThinkerConfig, check_vllm_config, pin_v1_runner, served_dtype
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.prompt import PromptError, build_prompt
+from omnitalk.engine.thinker.receiver import Decoded, RowReceiver
 
 log = logging.getLogger(__name__)
 WORKER_CLS = "omnitalk.engine.thinker.tap.HiddenStateWorker"
@@ -71,6 +70,13 @@ class _Positions:
     positions: torch.Tensor
 
 
+@dataclass(frozen=True, slots=True)
+class _Arrived:
+    """What one drain of the row socket brought a stream, in arrival order: one queue item, one wake-up."""
+
+    items: list[_Positions | HiddenStates]
+
+
 class ThinkerEngine:
     """`generate(request)` streams ThinkerEvents; leaving the stream early aborts the request in vLLM."""
 
@@ -83,8 +89,7 @@ class ThinkerEngine:
         args = engine_args(config, self._address)
         vllm_config = args.create_engine_config()
         check_vllm_config(vllm_config)
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        self._socket.bind(self._address)
+        self._rows = RowReceiver(self._address)
         self.llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=args.disable_log_stats)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.max_model_len = self.llm.model_config.max_model_len
@@ -106,7 +111,7 @@ class ThinkerEngine:
         if self._receiver is not None:
             self._receiver.cancel()
         self.llm.shutdown()
-        self._socket.close(linger=0)
+        self._rows.close()
 
     @property
     def num_open_streams(self) -> int:
@@ -191,22 +196,35 @@ class ThinkerEngine:
             _fail(queue, EngineFailure(reason))
 
     async def _receive_rows(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            spans, prompts, failed = wire.decode([frame.buffer for frame in frames])  # views of the frames: no copy
-            for stream_id in failed:
-                self._fail_stream(stream_id, "the thinker could not publish this request's hidden states")
-            items = [(k, _Positions(p)) for k, p in prompts.items()]
-            items += [(span.stream_id, HiddenStates(span.first_position, rows)) for span, rows in spans]
-            for stream_id, item in items:
-                queue = self._streams.get(stream_id)
-                if queue is None:
-                    continue  # aborted or finished: late rows are dropped
-                try:
-                    queue.put_nowait(item)
-                except asyncio.QueueFull:
-                    log.error("hidden-state queue of %s overflowed; failing it", stream_id)
-                    self._fail_stream(stream_id, "the thinker's hidden-state queue overflowed")
+        await self._rows.run(self._deliver)
+
+    def _deliver(self, messages: list[Decoded]) -> None:
+        """Fails the streams the worker named, then gives every other stream one item with all its rows."""
+        arrived, failed = _by_stream(messages)
+        for stream_id in failed:
+            self._fail_stream(stream_id, "the thinker could not publish this request's hidden states")
+        for stream_id, items in arrived.items():
+            queue = self._streams.get(stream_id)
+            if queue is None:
+                continue  # aborted, finished or failed: late rows are dropped
+            try:
+                queue.put_nowait(_Arrived(items))
+            except asyncio.QueueFull:
+                log.error("hidden-state queue of %s overflowed; failing it", stream_id)
+                self._fail_stream(stream_id, "the thinker's hidden-state queue overflowed")
+
+
+def _by_stream(messages: list[Decoded]) -> tuple[dict[str, list[_Positions | HiddenStates]], list[str]]:
+    """The positions and rows of `messages` per stream, in message order, and the streams named as failed."""
+    arrived: dict[str, list[_Positions | HiddenStates]] = {}
+    failed: list[str] = []
+    for spans, prompts, lost in messages:
+        failed += lost
+        for stream_id, positions in prompts.items():
+            arrived.setdefault(stream_id, []).append(_Positions(positions))
+        for span, rows in spans:
+            arrived.setdefault(span.stream_id, []).append(HiddenStates(span.first_position, rows))
+    return arrived, failed
 
 
 def _fail(queue: asyncio.Queue, error: BaseException) -> None:
@@ -227,26 +245,27 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
     next_position = 0
     done: ThinkerDone | None = None
     while done is None or (with_rows and next_position < done.num_prompt_tokens + done.num_generated_tokens - 1):
-        event = await queue.get()
-        match event:
-            case _Failed():
-                raise event.error
-            case _Positions():
-                positions = event.positions
-            case HiddenStates():
-                skip = next_position - event.first_position  # recompute after preemption re-sends positions
-                if skip >= len(event.rows):
-                    continue
-                if skip > 0:
-                    event = HiddenStates(next_position, event.rows[skip:])
-                next_position = event.first_position + len(event.rows)
-                held.append(event)
-            case ThinkerStart():
-                start = event
-            case ThinkerDone():
-                done = event
-            case _:
-                held.append(event)
+        for event in _with_the_rest(await queue.get(), queue):
+            match event:
+                case _Failed():
+                    raise event.error
+                case _Positions():
+                    positions = event.positions
+                case HiddenStates():
+                    skip = next_position - event.first_position  # recompute after preemption re-sends positions
+                    end = event.first_position + event.rows.shape[0]
+                    if end <= next_position:
+                        continue
+                    if skip > 0:
+                        event = HiddenStates(next_position, event.rows[skip:])
+                    next_position = end
+                    held.append(event)
+                case ThinkerStart():
+                    start = event
+                case ThinkerDone():
+                    done = event
+                case _:
+                    held.append(event)
         # A streaming-input request's positions come again with every chunk: wait for the whole prompt's.
         covered = positions is not None and start is not None and positions.shape[1] == len(start.prompt_token_ids)
         if not announced and start is not None and (covered or not with_rows):
@@ -257,6 +276,19 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
                 yield item
             held.clear()
     yield done
+
+
+def _with_the_rest(item, queue: asyncio.Queue) -> list:
+    """`item` and every item queued after it, the items of an `_Arrived` in place: one wake-up takes them all."""
+    items = []
+    while True:
+        if isinstance(item, _Arrived):
+            items += item.items
+        else:
+            items.append(item)
+        if queue.empty():
+            return items
+        item = queue.get_nowait()
 
 
 def _classify(error: Exception) -> Exception:
