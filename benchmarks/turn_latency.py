@@ -27,6 +27,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import httpx
 from serve_bench import served
 
 from omnitalk.clients.bench.cli import server_model
@@ -61,7 +62,14 @@ async def with_server(model: Path, mode: bool | None, runs: Any) -> Any:
         env["OMNITALK_" + SETTING.upper()] = "true" if mode else "false"
     print(f"ingestion {mode_name(mode)}:", file=sys.stderr)
     async with served(["--model", str(model)], env) as url:
-        return await runs(url)
+        return await runs(url), await ingest_metrics(url)
+
+
+async def ingest_metrics(url: str) -> list[str]:
+    """The server's ingestion counters after the run (how its turns were answered), as exposition lines."""
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        text = (await http.get(url.rstrip("/") + "/metrics")).text
+    return [line for line in text.splitlines() if line.startswith("omnitalk:ingest")]
 
 
 async def measure(args: argparse.Namespace, url: str) -> tuple[RunResult, RunResult]:
@@ -140,6 +148,8 @@ async def main(args: argparse.Namespace) -> None:
     if failed:
         tables += f"\n\n{len(failed)} turn(s) failed; first: {failed[0]}"
     print(tables)
+    for name, runs in data["modes"].items():
+        print(f"ingestion {name}:", *runs.get("ingest_metrics", []), sep="\n  ")
     if not args.no_doc:
         update_doc(tables, argparse.Namespace(**data["args"]), modes, data)
 
@@ -157,8 +167,8 @@ async def measure_all(args: argparse.Namespace) -> dict[str, Any]:
         results[mode_name(mode)] = await with_server(model, mode, lambda url: measure(args, url))
     data = {"date": str(datetime.date.today()), "model": str(model), "argv": sys.argv[1:],
             "minutes": (time.perf_counter() - began) / 60, "args": vars(args),
-            "modes": {name: {"by_length": run_json(a, {}), "session": run_json(b, {})}
-                      for name, (a, b) in results.items()}}  # fmt: skip
+            "modes": {name: {"by_length": run_json(a, {}), "session": run_json(b, {}), "ingest_metrics": lines}
+                      for name, ((a, b), lines) in results.items()}}  # fmt: skip
     args.result_json.parent.mkdir(parents=True, exist_ok=True)
     args.result_json.write_text(json.dumps(data, indent=1, default=str))
     print(f"results: {args.result_json}", file=sys.stderr)

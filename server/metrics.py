@@ -48,12 +48,26 @@ class Metrics:
         self.ingested_blocks = Counter(
             "omnitalk:ingested_blocks", "2 s blocks of user audio prefilled before the turn ended", registry=r
         )
+        self.ingest_fallbacks = Counter(
+            "omnitalk:ingest_fallbacks", "Ingested turns answered by the conversation sent at once, by why",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.ingest_restarts = Counter(
+            "omnitalk:ingest_restarts", "Ingest sessions restarted because a later, louder block moved the clamp "
+            "of a block already prefilled", registry=r,
+        )  # fmt: skip
+        self.ingest_prefilled = Gauge(
+            "omnitalk:ingest_prefilled_blocks", "2 s blocks of user audio held prefilled by open ingest sessions",
+            registry=r,
+        )  # fmt: skip
 
     def ingested(self, fallback: str | None, prefilled_blocks: int) -> None:
         """An ingested turn was answered: from its session (fallback None) or sent at once."""
         self.ingested_turns.labels("fallback" if fallback else "session").inc()
         if fallback is None:
             self.ingested_blocks.inc(prefilled_blocks)
+        else:
+            self.ingest_fallbacks.labels(fallback).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,9 +2,13 @@
 
 The thinker's audio encoder attends within 200-frame blocks, so a block's encoding depends only on its own
 features. Those are a pure function of local samples except for one global term: Whisper clamps every log-mel
-value from below at the clip's maximum minus 8. A block computed before the clip ends uses the running maximum;
-`matches` tells, once the whole clip is known, whether that gave exactly the clip's own features (it does
-unless a later block raised the maximum while the block held values under the clamp).
+value from below at the clip's maximum minus 8. `BlockFeatures` keeps each complete block's unclamped log-mel and
+the running maximum (`peak`); a block clamped at one maximum equals the same block clamped at another unless it
+holds a value under the higher of the two floors (`changed`), which is exact: values above both floors pass
+through unchanged, a value under the higher floor becomes that floor in one and something lower in the other.
+
+`split_blocks` is the one way an utterance's features become audio items (one per block, then the rest): vLLM's
+prefix cache hashes items by their bytes, so every rendering of the same audio must cut it the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from omnitalk.engine.thinker.prompt import N_FFT
+from omnitalk.engine.thinker.prompt import N_FFT, audio_token_count
 
 HOP = 160  # samples per frame
 BLOCK_FRAMES = 200  # the audio encoder's attention block: 2 * n_window
@@ -50,8 +54,14 @@ def _log_mel(padded: torch.Tensor, num_mels: int) -> torch.Tensor:
     return torch.clamp(_mel_filters(num_mels).T @ power, min=1e-10).log10()
 
 
-def _finish(log_spec: torch.Tensor, maximum: float) -> torch.Tensor:
-    return (torch.maximum(log_spec, torch.tensor(maximum - CLAMP_DECADES)) + 4.0) / 4.0
+def _floor(maximum: float) -> torch.Tensor:
+    """The clamp's floor for a clip whose largest log-mel value is `maximum`, in the dtype it is applied in."""
+    return torch.tensor(maximum - CLAMP_DECADES, dtype=torch.float32)
+
+
+def clamp(log_spec: torch.Tensor, maximum: float) -> torch.Tensor:
+    """Whisper's features from an unclamped log-mel whose clip's largest value is `maximum`."""
+    return (torch.maximum(log_spec, _floor(maximum)) + 4.0) / 4.0
 
 
 def num_frames(num_samples: int) -> int:
@@ -59,24 +69,44 @@ def num_frames(num_samples: int) -> int:
     return -(-num_samples // HOP)
 
 
-def clip_features(samples: np.ndarray, num_mels: int) -> torch.Tensor:
-    """The features [num_mels, num_frames] the processor computes for a whole clip padded by half an STFT
-    window (`prompt.audio_feature_kwargs`): zeros after the clip, then reflection at both ends."""
+def clip_log_mel(samples: np.ndarray, num_mels: int) -> tuple[torch.Tensor, float]:
+    """(the unclamped log-mel [num_mels, num_frames] of a whole clip, the maximum the processor clamps it at),
+    for the clip padded by half an STFT window (`prompt.audio_feature_kwargs`): zeros after the clip, then
+    reflection at both ends. The maximum also covers the padding's frame past the clip's end, as Whisper's does."""
     wave = torch.from_numpy(np.concatenate([samples, np.zeros(N_FFT // 2, np.float32)]))
     padded = torch.nn.functional.pad(wave[None, None], (N_FFT // 2, N_FFT // 2), mode="reflect")[0, 0]
     log_spec = _log_mel(padded, num_mels)[:, :-1]
-    return _finish(log_spec, float(log_spec.max()))[:, : num_frames(len(samples))]
+    return log_spec[:, : num_frames(len(samples))], float(log_spec.max())
+
+
+def clip_features(samples: np.ndarray, num_mels: int) -> torch.Tensor:
+    """The features [num_mels, num_frames] the processor computes for a whole clip."""
+    log_spec, maximum = clip_log_mel(samples, num_mels)
+    return clamp(log_spec, maximum)
+
+
+def split_blocks(features: torch.Tensor) -> list[torch.Tensor]:
+    """An utterance's features [num_mels, frames] as the audio items it is sent as: one contiguous float32
+    [num_mels, BLOCK_FRAMES] per complete block, then the rest if it makes at least one audio token (a rest
+    too short for one adds nothing to the prompt, as it adds nothing to the whole clip's tokens)."""
+    features = features.to(torch.float32)
+    complete = features.shape[1] // BLOCK_FRAMES
+    items = [features[:, k * BLOCK_FRAMES : (k + 1) * BLOCK_FRAMES].contiguous() for k in range(complete)]
+    rest = features[:, complete * BLOCK_FRAMES :]
+    if audio_token_count(rest.shape[1] * HOP) > 0:
+        items.append(rest.contiguous())
+    return items
 
 
 class BlockFeatures:
-    """Features of complete blocks of a clip that is still arriving."""
+    """The complete blocks of a clip that is still arriving, unclamped, and the running maximum over them."""
 
     def __init__(self, num_mels: int) -> None:
         self._num_mels = num_mels
         self._samples = np.zeros(0, np.float32)
-        self._blocks: list[torch.Tensor] = []
-        self._maxima: list[float] = []  # the running maximum each block was clamped with
-        self._maximum = -float("inf")
+        self._log_specs: list[torch.Tensor] = []
+        self._minima: list[torch.Tensor] = []
+        self.peak = -float("inf")  # the largest log-mel value of the complete blocks
 
     @property
     def samples(self) -> np.ndarray:
@@ -84,19 +114,19 @@ class BlockFeatures:
 
     @property
     def num_blocks(self) -> int:
-        return len(self._blocks)
+        return len(self._log_specs)
 
-    def append(self, samples: np.ndarray) -> list[torch.Tensor]:
-        """Adds samples; returns the features [num_mels, BLOCK_FRAMES] of every block completed by them. A
-        block is complete once the samples its last frame's window reaches past its end have arrived."""
+    def append(self, samples: np.ndarray) -> int:
+        """Adds samples; returns how many blocks they completed. A block is complete once the samples its last
+        frame's window reaches past its end have arrived."""
         self._samples = np.concatenate([self._samples, samples.astype(np.float32, copy=False)])
-        done = []
-        while len(self._samples) >= (len(self._blocks) + 1) * BLOCK_SAMPLES + LOOKAHEAD:
-            done.append(self._next_block())
-        return done
+        before = self.num_blocks
+        while len(self._samples) >= (self.num_blocks + 1) * BLOCK_SAMPLES + LOOKAHEAD:
+            self._add_block()
+        return self.num_blocks - before
 
-    def _next_block(self) -> torch.Tensor:
-        start = len(self._blocks) * BLOCK_SAMPLES
+    def _add_block(self) -> None:
+        start = self.num_blocks * BLOCK_SAMPLES
         end = start + BLOCK_SAMPLES + N_FFT // 2
         if start == 0:  # the clip's own reflection padding in front of frame 0
             head = self._samples[1 : N_FFT // 2 + 1][::-1]
@@ -104,15 +134,17 @@ class BlockFeatures:
         else:
             piece = self._samples[start - N_FFT // 2 : end]
         log_spec = _log_mel(torch.from_numpy(np.ascontiguousarray(piece)), self._num_mels)[:, :BLOCK_FRAMES]
-        self._maximum = max(self._maximum, float(log_spec.max()))
-        block = _finish(log_spec, self._maximum)
-        self._blocks.append(block)
-        self._maxima.append(self._maximum)
-        return block
+        self._log_specs.append(log_spec)
+        self._minima.append(log_spec.min())
+        self.peak = max(self.peak, float(log_spec.max()))
 
-    def matches(self, features: torch.Tensor, atol: float = 1e-5) -> bool:
-        """Whether the blocks handed out equal the whole clip's features (`clip_features` of all samples)."""
-        return all(
-            torch.allclose(block, features[:, k * BLOCK_FRAMES : (k + 1) * BLOCK_FRAMES], rtol=0.0, atol=atol)
-            for k, block in enumerate(self._blocks)
-        )
+    def block(self, k: int) -> torch.Tensor:
+        """Block k's features [num_mels, BLOCK_FRAMES], clamped at the running maximum."""
+        return clamp(self._log_specs[k], self.peak)
+
+    def changed(self, blocks: int, old: float, new: float) -> bool:
+        """Whether any of the first `blocks` blocks differs clamped at maximum `new` rather than `old`."""
+        low, high = sorted((_floor(old), _floor(new)), key=float)
+        if torch.equal(low, high):
+            return False
+        return any(bool(minimum < high) for minimum in self._minima[:blocks])

@@ -1,24 +1,31 @@
 """Streaming input: a user turn's thinker request prefilled while the user still speaks (vLLM's resumable requests).
 
 `ThinkerIngest` feeds `AsyncLLM.generate` an async generator of `StreamingInput` chunks: first the conversation
-so far up to the new audio's `<|audio_bos|>` (earlier turns' media included), then one chunk per complete 2 s
-block of the new audio (precomputed features, `features.BlockFeatures`), and at `finish` the rest of the audio
-and of the chat template with the turn's real sampling. Every chunk but the last samples one greedy token, which
-vLLM discards; the KV, the rows the tap streams and the TMRoPE positions (recomputed by the runner over the grown
-prompt) carry on, so the answer is that of the whole conversation sent at once.
+so far up to the new audio's `<|audio_bos|>` (earlier turns' media included), then the complete 2 s blocks of the
+new audio as they arrive (precomputed features, `features.BlockFeatures`, one audio item per block), and at
+`finish` the rest of the audio and of the chat template with the turn's real sampling. Every chunk but the last
+samples one greedy token, which vLLM discards; the KV, the rows the tap streams and the TMRoPE positions
+(recomputed by the runner over the grown prompt) carry on, so the answer is that of the whole conversation sent at
+once.
 
 One chunk is in flight at a time: vLLM merges the outputs of a request that the consumer has not read yet, so
 two chunks' completions (or the last block's discarded token and the answer's first) could arrive as one.
-Blocks that arrive meanwhile wait here; at `finish` they travel in the last chunk. Where the answer could differ
-(stop strings, which vLLM refuses for streaming input; structured outputs; a block whose clamp the clip's later
-maximum changed) `finish` answers the conversation sent at once instead.
+Blocks that arrive meanwhile wait here and travel together in the next chunk.
+
+Whisper clamps every block at the whole clip's maximum, which a later, louder block can raise. When it raises it
+enough to change a block already sent (`BlockFeatures.changed`), the session is restarted while the user still
+speaks: aborted, and a new one (its own id in vLLM and the tap, so nothing of the old one can reach it) sent the
+head again and every complete block clamped at the new maximum. Where the answer could still differ (stop
+strings, which vLLM refuses for streaming input; structured outputs; the last partial block moving a sent block's
+clamp) `finish` answers the conversation sent at once instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,25 +41,31 @@ from omnitalk.engine.thinker.engine import (
     _sampling_params,
 )
 from omnitalk.engine.thinker.events import ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
-from omnitalk.engine.thinker.features import BLOCK_FRAMES, HOP, BlockFeatures, clip_features
+from omnitalk.engine.thinker.features import HOP, BlockFeatures, clamp, clip_log_mel, split_blocks
 from omnitalk.engine.thinker.prompt import PromptError, audio_feature_kwargs, audio_token_count, build_prompt
 
 AUDIO_PLACEHOLDER = "<|AUDIO|>"
 
 
-def audio_chunk(token_id: int, features: torch.Tensor, tail: list[int]) -> dict[str, Any]:
-    """A prompt chunk of one audio item given as features [num_mels, frames] (float32), then `tail` ids. All three
-    fields are needed: vLLM's input schema for Qwen2.5-Omni audio requires the mask beside the lengths, and a
-    chunk without it fails inside the worker, which kills the EngineCore."""
-    if features.ndim != 2 or features.dtype != torch.float32 or features.shape[1] == 0:
-        raise ValueError(f"audio features must be [num_mels, frames] float32, got {tuple(features.shape)}")
-    frames = features.shape[1]
+def audio_chunk(token_id: int, items: list[torch.Tensor], tail: list[int]) -> dict[str, Any]:
+    """A prompt chunk of audio items, each given as features [num_mels, frames] (float32), then `tail` ids. All
+    three fields are needed: vLLM's input schema for Qwen2.5-Omni audio requires the mask beside the lengths, and a
+    chunk without it fails inside the worker, which kills the EngineCore. The mask is one row per item, of that
+    item's own length, so that an item hashes the same (vLLM's prefix cache) whatever chunk it travels in."""
+    if not items:
+        raise ValueError("an audio chunk needs at least one item")
+    for features in items:
+        if features.ndim != 2 or features.dtype != torch.float32 or features.shape[1] == 0:
+            raise ValueError(f"audio features must be [num_mels, frames] float32, got {tuple(features.shape)}")
+        if features.shape[0] != items[0].shape[0]:
+            raise ValueError("the audio items of a chunk must have the same number of mel bins")
+    lengths = [features.shape[1] for features in items]
     audio = {
-        "input_audio_features": features.contiguous(),
-        "audio_feature_lengths": torch.tensor([frames]),
-        "feature_attention_mask": torch.ones((1, frames), dtype=torch.long),
+        "input_audio_features": torch.cat(items, dim=1) if len(items) > 1 else items[0].contiguous(),
+        "audio_feature_lengths": torch.tensor(lengths),
+        "feature_attention_mask": [torch.ones(n, dtype=torch.long) for n in lengths],
     }
-    return {"prompt_token_ids": [token_id, *tail], "multi_modal_data": {"audio": audio}}
+    return {"prompt_token_ids": [token_id] * len(items) + list(tail), "multi_modal_data": {"audio": audio}}
 
 
 def prefill_params(tap: str | None):
@@ -85,6 +98,30 @@ def same_messages(a: tuple[Message, ...], b: tuple[Message, ...]) -> bool:
     return True
 
 
+class IngestListener(Protocol):
+    """Told of an ingest's progress as it happens (the server's metrics)."""
+
+    def prefilled(self, blocks: int) -> None:
+        """`blocks` more blocks are held prefilled in a session (negative: a session ended and let them go)."""
+
+    def restarted(self) -> None:
+        """A session was replaced by a new one (a later block moved the clamp of a block it held)."""
+
+
+@dataclass(eq=False)
+class _Session:
+    """One vLLM streaming-input request of the turn; a restart replaces it with another under a new key."""
+
+    key: str
+    queue: asyncio.Queue  # the events and rows `finish` streams
+    inputs: asyncio.Queue = field(default_factory=asyncio.Queue)  # StreamingInput chunks; None ends the request
+    pump: asyncio.Task | None = None
+    in_flight: int | None = None  # blocks in the chunk being prefilled (0: the head), None: idle
+    sent: int = 0  # blocks sent, those in flight included
+    done: int = 0  # blocks whose chunk vLLM reported prefilled
+    final_sent: bool = False
+
+
 class ThinkerIngest:
     """One user turn of audio, prefilled into the thinker block by block before the turn ends.
 
@@ -93,59 +130,54 @@ class ThinkerIngest:
     closes on its own when its stream ends or is left).
     """
 
-    def __init__(self, engine: ThinkerEngine, request_id: str, history: tuple[Message, ...], *, hidden_states: bool):
+    def __init__(self, engine: ThinkerEngine, request_id: str, history: tuple[Message, ...], *,
+                 hidden_states: bool, listener: IngestListener | None = None):  # fmt: skip
         self._engine = engine
         self.request_id = request_id
-        # The session's own id in vLLM and the tap: rows of an aborted session never reach a request that
-        # `finish` may send under `request_id`.
-        self._key = f"{request_id}#ingest"
         self._history = history
         self._hidden = hidden_states
+        self._listener = listener
         config = engine.llm.model_config.hf_config
         self._num_mels = getattr(config, "thinker_config", config).audio_config.num_mel_bins
         self._audio_token = engine.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
         self._blocks = BlockFeatures(self._num_mels)
-        self._pending: list[torch.Tensor] = []  # complete blocks not yet sent
-        self._inputs: asyncio.Queue = asyncio.Queue()
-        self._queue: asyncio.Queue | None = None
-        self._pump: asyncio.Task | None = None
+        self._head: dict[str, Any] = {}
         self._tail: list[int] = []
-        self._in_flight: int | None = None  # blocks in the chunk being prefilled (0: the head), None: idle
-        self._final_sent = False
-        self._blocks_done = 0
+        self._session: _Session | None = None
+        self._ending: set[asyncio.Task] = set()  # aborts of replaced sessions, awaited by `close`
         self._progress = asyncio.Condition()
         self._closed = False
         self._finishing = False
+        self.restarts = 0  # sessions replaced because a later block moved the clamp
         self.fallback: str | None = None  # why `finish` answered the conversation sent at once; None: it did not
 
     @property
     def prefilled_blocks(self) -> int:
-        """Blocks of the new audio whose prefill vLLM has reported complete."""
-        return self._blocks_done
+        """Blocks of the new audio whose prefill vLLM has reported complete in the current session."""
+        return self._session.done if self._session is not None else 0
 
     @property
     def pushed_blocks(self) -> int:
         """Complete blocks of the new audio received so far."""
         return self._blocks.num_blocks
 
+    def _key(self, restart: int) -> str:
+        """The session's own id in vLLM and the tap, one per restart: rows and outputs of an aborted session
+        reach neither its successor nor a request that `finish` may send under `request_id`."""
+        return f"{self.request_id}#ingest{restart}"
+
     async def start(self) -> None:
         """Renders the conversation up to the new audio and submits it; ThinkerInputError if it cannot be."""
-        engine = self._engine
-        if self._key in engine._streams:
+        prefix = self._key(0).removesuffix("0")
+        if any(key.startswith(prefix) for key in self._engine._streams):
             raise ThinkerInputError(f"request id {self.request_id!r} is already running")
-        self._queue = asyncio.Queue(maxsize=2 * engine.max_model_len + 4)
-        engine._streams[self._key] = self._queue
-        if self._hidden:
-            engine._tapped.add(self._key)
         try:
-            head, self._tail = await asyncio.to_thread(self._split_prompt)
+            self._head, self._tail = await asyncio.to_thread(self._split_prompt)
         except PromptError as error:
             await self.close()
             raise ThinkerInputError(str(error)) from error
-        if self._hidden:
-            engine._ensure_receiver()
-        self._send(head, blocks=0)
-        self._pump = asyncio.create_task(self._run())
+        if not self._closed:
+            self._open_session()
 
     def _split_prompt(self) -> tuple[dict[str, Any], list[int]]:
         """The conversation with a placeholder audio as the new turn, as (the head prompt, cut after the new
@@ -162,7 +194,6 @@ class ThinkerIngest:
             ids = prompt["prompt_token_ids"]
             cut = len(ids) - 1 - ids[::-1].index(self._audio_token)
             head, tail = {"prompt_token_ids": ids[:cut]}, ids[cut + 1 :]
-        head["cache_salt"] = self._key  # cached positions would never be recomputed: no rows
         audios = prompt["multi_modal_data"]["audio"][:-1]
         media = {k: v for k, v in prompt["multi_modal_data"].items() if k != "audio"}
         if audios:
@@ -174,55 +205,93 @@ class ThinkerIngest:
                 head["mm_processor_kwargs"] |= audio_feature_kwargs([samples for samples, _ in audios])
         return head, tail
 
+    def _open_session(self) -> None:
+        """Submits a new session: the head, then (as soon as it is prefilled) every complete block so far."""
+        engine = self._engine
+        session = _Session(self._key(self.restarts), asyncio.Queue(maxsize=2 * engine.max_model_len + 4))
+        engine._streams[session.key] = session.queue
+        if self._hidden:
+            engine._tapped.add(session.key)
+            engine._ensure_receiver()
+        self._session = session
+        # Its own salt: positions cached from an aborted session would never be recomputed, so have no rows.
+        self._send(session, {**self._head, "cache_salt": session.key}, blocks=0)
+        session.pump = asyncio.create_task(self._run(session))
+
     def push_audio(self, samples: np.ndarray) -> None:
         """Adds 16 kHz float32 samples of the new audio; every block they complete is prefilled as soon as the
-        chunk before it is."""
+        chunk before it is, or, if it moved the clamp of a block already sent, in a new session."""
         if self._closed or self._finishing:
             return
-        self._pending += self._blocks.append(samples)
-        self._send_next_block()
+        peak = self._blocks.peak
+        if not self._blocks.append(samples):
+            return
+        session = self._session
+        if session is not None and self._blocks.changed(session.sent, peak, self._blocks.peak):
+            self._restart(session)
+        else:
+            self._send_blocks()
 
-    def _send_next_block(self) -> None:
-        if self._in_flight is None and self._pending and not self._finishing and not self._closed:
-            block = self._pending.pop(0)
-            self._send(audio_chunk(self._audio_token, block, []), blocks=1)
+    def _restart(self, old: _Session) -> None:
+        self.restarts += 1
+        self._end_session(old)
+        self._open_session()
+        if self._listener is not None:
+            self._listener.restarted()
 
-    def _send(self, prompt: dict[str, Any], *, blocks: int, sampling=None) -> None:
+    def _send_blocks(self) -> None:
+        """Sends every complete block not yet sent as one chunk, if none is in flight."""
+        session = self._session
+        if session is None or session.in_flight is not None or self._finishing or self._closed:
+            return
+        items = [self._blocks.block(k) for k in range(session.sent, self._blocks.num_blocks)]
+        if items:
+            self._send(session, audio_chunk(self._audio_token, items, []), blocks=len(items))
+
+    def _send(self, session: _Session, prompt: dict[str, Any], *, blocks: int, sampling=None) -> None:
         from vllm.engine.protocol import StreamingInput
 
-        self._in_flight = blocks
-        self._inputs.put_nowait(StreamingInput(prompt, sampling))
+        session.in_flight = blocks
+        session.sent += blocks
+        session.inputs.put_nowait(StreamingInput(prompt, sampling))
 
     async def wait_prefilled(self, blocks: int) -> None:
-        """Returns once `blocks` blocks are prefilled, or the session has ended."""
-        await self._wait_for(lambda: self._blocks_done >= blocks)
+        """Returns once `blocks` blocks are prefilled in the current session, or the session has ended."""
+        await self._wait_for(lambda: self.prefilled_blocks >= blocks)
 
     async def _wait_for(self, predicate: Callable[[], bool]) -> None:
+        def ended() -> bool:
+            session = self._session
+            return session is None or session.pump is None or session.pump.done()
+
         async with self._progress:
-            await self._progress.wait_for(lambda: predicate() or self._pump is None or self._pump.done())
+            await self._progress.wait_for(lambda: predicate() or ended())
 
     async def finish(self, request: ThinkerRequest) -> AsyncIterator[ThinkerEvent]:
         """Streams what `ThinkerEngine.generate(request)` would: from the session when `request` is the history
         plus a user message of the audio pushed (and wants rows as the session does), else from `request` sent
         at once under its own id."""
         self._finishing = True
-        features = clip_features(self._blocks.samples, self._num_mels)
-        await self._wait_for(lambda: self._in_flight is None)
-        self.fallback = self._fallback(request, features)
+        log_spec, maximum = await asyncio.to_thread(clip_log_mel, self._blocks.samples, self._num_mels)
+        await self._wait_for(lambda: self._session is None or self._session.in_flight is None)
+        self.fallback = self._fallback(request, log_spec.shape[1], maximum)
         if self.fallback is not None:
             await self.close()
             async for event in self._engine.generate(request):
                 yield event
             return
-        self._send_last(features, request)
+        session = self._session
+        assert session is not None
+        self._send_last(session, split_blocks(clamp(log_spec, maximum)), request)
         try:
-            async for event in _ordered(self._queue, self._hidden):
+            async for event in _ordered(session.queue, self._hidden):
                 yield event
         finally:
             await self.close()
 
-    def _fallback(self, request: ThinkerRequest, features: torch.Tensor) -> str | None:
-        if self._closed or self._pump is None or self._pump.done():
+    def _fallback(self, request: ThinkerRequest, frames: int, maximum: float) -> str | None:
+        session = self._session
+        if self._closed or session is None or session.pump is None or session.pump.done():
             return "the session ended before the turn"
         turn = Message("user", (Audio(self._blocks.samples),))
         same = request.hidden_states == self._hidden and not request.use_audio_in_video
@@ -232,38 +301,37 @@ class ThinkerIngest:
             return "stop strings"  # vLLM refuses them on streaming input
         if request.sampling.json_schema is not None:
             return "structured output"  # a grammar set on a session's last chunk is not what vLLM tests
-        if audio_token_count(features.shape[1] * HOP) == 0:
+        if audio_token_count(frames * HOP) == 0:
             return "no audio"  # too short for one token: the request sent at once says so in its error
-        if not self._blocks.matches(features):
-            return "a later block moved the clamp"
+        if self._blocks.changed(session.sent, self._blocks.peak, maximum):
+            return "the last block moved the clamp"  # a restart now would cost what sending it at once does
         return None
 
-    def _send_last(self, features: torch.Tensor, request: ThinkerRequest) -> None:
-        rest = features[:, self._blocks_done * BLOCK_FRAMES :]
-        if rest.shape[1] and audio_token_count(rest.shape[1] * HOP) > 0:
-            prompt = audio_chunk(self._audio_token, rest, self._tail)
-        else:
-            prompt = {"prompt_token_ids": list(self._tail)}
-        tapped = ThinkerRequest(self._key, request.messages, request.sampling, hidden_states=self._hidden)
-        self._final_sent = True
-        self._send(prompt, blocks=0, sampling=_sampling_params(tapped))
-        self._inputs.put_nowait(None)
+    def _send_last(self, session: _Session, items: list[torch.Tensor], request: ThinkerRequest) -> None:
+        """The blocks not yet sent and the rest, as one item each, then the chat template, with the real sampling."""
+        rest = items[session.sent :]
+        prompt = audio_chunk(self._audio_token, rest, self._tail) if rest else {"prompt_token_ids": list(self._tail)}
+        tapped = ThinkerRequest(session.key, request.messages, request.sampling, hidden_states=self._hidden)
+        session.final_sent = True
+        self._send(session, prompt, blocks=0, sampling=_sampling_params(tapped))
+        session.inputs.put_nowait(None)
 
-    async def _chunks(self):
-        while (item := await self._inputs.get()) is not None:
+    @staticmethod
+    async def _chunks(session: _Session):
+        while (item := await session.inputs.get()) is not None:
             yield item
 
-    async def _run(self) -> None:
-        queue = self._queue
+    async def _run(self, session: _Session) -> None:
+        queue = session.queue
         generated = 0
         started = False
         try:
-            params = prefill_params(self._key if self._hidden else None)
-            async for output in self._engine.llm.generate(self._chunks(), params, self._key):
+            params = prefill_params(session.key if self._hidden else None)
+            async for output in self._engine.llm.generate(self._chunks(session), params, session.key):
                 completion = output.outputs[0]
-                if not self._final_sent:
+                if not session.final_sent:
                     if completion.finish_reason is not None:  # an intermediate chunk is prefilled
-                        await self._chunk_done()
+                        await self._chunk_done(session)
                     continue
                 if not started:
                     queue.put_nowait(ThinkerStart(list(output.prompt_token_ids or ())))
@@ -281,26 +349,39 @@ class ThinkerIngest:
             async with self._progress:
                 self._progress.notify_all()
 
-    async def _chunk_done(self) -> None:
+    async def _chunk_done(self, session: _Session) -> None:
+        blocks = session.in_flight or 0
         async with self._progress:
-            self._blocks_done += self._in_flight or 0
-            self._in_flight = None
+            session.done += blocks
+            session.in_flight = None
             self._progress.notify_all()
-        self._send_next_block()
+        if blocks and self._listener is not None:
+            self._listener.prefilled(blocks)
+        self._send_blocks()
 
-    def _release(self) -> None:
-        self._closed = True
-        self._engine._streams.pop(self._key, None)
-        self._engine._tapped.discard(self._key)
+    def _end_session(self, session: _Session) -> None:
+        """Drops the session's streams at once (late rows and outputs find no queue) and aborts it in vLLM."""
+        self._engine._streams.pop(session.key, None)
+        self._engine._tapped.discard(session.key)
+        session.inputs.put_nowait(None)
+        if session.pump is not None:
+            session.pump.cancel()
+        if session.done and self._listener is not None:
+            self._listener.prefilled(-session.done)
+        abort = asyncio.create_task(self._abort(session))
+        self._ending.add(abort)
+        abort.add_done_callback(self._ending.discard)
+
+    async def _abort(self, session: _Session) -> None:
+        if session.pump is not None:
+            await asyncio.gather(session.pump, return_exceptions=True)
+        await self._engine.abort(session.key)
 
     async def close(self) -> None:
         """Aborts the session in vLLM and drops its rows; idempotent."""
         if self._closed:
             return
-        self._release()
-        self._pending.clear()
-        self._inputs.put_nowait(None)
-        if self._pump is not None:
-            self._pump.cancel()
-            await asyncio.gather(self._pump, return_exceptions=True)
-        await self._engine.abort(self._key)
+        self._closed = True
+        if self._session is not None:
+            self._end_session(self._session)
+        await asyncio.gather(*list(self._ending), return_exceptions=True)

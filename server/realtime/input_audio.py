@@ -19,6 +19,7 @@ import numpy as np
 from omnitalk.engine.request import Message
 from omnitalk.engine.thinker.engine import ThinkerEngine, ThinkerInputError
 from omnitalk.engine.thinker.streaming import ThinkerIngest
+from omnitalk.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,25 @@ class Turn:
             self.sent += len(samples)
 
 
+@dataclass(slots=True)
+class Progress:
+    """An ingest's progress in the server's metrics, as it happens (`streaming.IngestListener`)."""
+
+    metrics: Metrics
+
+    def prefilled(self, blocks: int) -> None:
+        self.metrics.ingest_prefilled.inc(blocks)
+
+    def restarted(self) -> None:
+        self.metrics.ingest_restarts.inc()
+
+
 class Ingestion:
     """A Realtime session's streaming input: the turn being spoken, and a committed one waiting for its response."""
 
-    def __init__(self, engine: ThinkerEngine, enabled: bool) -> None:
+    def __init__(self, engine: ThinkerEngine, enabled: bool, metrics: Metrics) -> None:
         self.engine, self.enabled = engine, enabled
+        self._progress = Progress(metrics)
         self.turn: Turn | None = None
         self.ready: ThinkerIngest | None = None
 
@@ -95,7 +110,7 @@ class Ingestion:
         """Starts ingesting a turn whose audio begins at `audio`'s sample `begin` (any turn still open is closed)."""
         await self.drop()
         await self._close_ready()
-        ingest = ThinkerIngest(self.engine, request_id, history, hidden_states=hidden)
+        ingest = ThinkerIngest(self.engine, request_id, history, hidden_states=hidden, listener=self._progress)
         try:
             await ingest.start()
         except ThinkerInputError as error:  # the request sent at commit will say so; nothing is ingested

@@ -18,7 +18,7 @@ from omnitalk.engine.request import Audio, Message, Sampling, Text, ThinkerReque
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerEngine
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
-from omnitalk.engine.thinker.features import BLOCK_SAMPLES, LOOKAHEAD, clip_features
+from omnitalk.engine.thinker.features import BLOCK_SAMPLES, LOOKAHEAD, clip_features, split_blocks
 from omnitalk.engine.thinker.prompt import SPEECH_SYSTEM_PROMPT, audio_token_count
 from omnitalk.engine.thinker.streaming import AUDIO_PLACEHOLDER, ThinkerIngest, audio_chunk, prefill_params
 
@@ -109,10 +109,26 @@ async def test_an_audio_chunk_of_precomputed_features_is_taken(thinker):
     features = clip_features(tone(2.0, seed=1), num_mels(thinker))
     head = {"prompt": "<|im_start|>user\n<|audio_bos|>"}
     tail = thinker.tokenizer.encode("<|audio_eos|><|im_end|>\n<|im_start|>assistant\n")
-    outputs = await session(thinker, "pin-audio", [head, audio_chunk(token, features, tail)], final_params(3))
+    outputs = await session(thinker, "pin-audio", [head, audio_chunk(token, [features], tail)], final_params(3))
     assert outputs[-1].finished
     prompt = list(outputs[-1].prompt_token_ids)
     assert prompt.count(token) == audio_token_count(2 * 16000) == 50
+    assert prompt[-len(tail) :] == tail
+
+
+async def test_a_chunk_of_several_audio_items_is_taken(thinker):
+    """One item per 2 s block and one for the rest, in one chunk: each <|AUDIO|> is expanded into its own
+    item's tokens, which add up to the whole clip's."""
+    token = thinker.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
+    samples = tone(5.37, seed=1)
+    items = split_blocks(clip_features(samples, num_mels(thinker)))
+    assert [item.shape[1] for item in items] == [200, 200, 137]
+    head = {"prompt": "<|im_start|>user\n<|audio_bos|>"}
+    tail = thinker.tokenizer.encode("<|audio_eos|><|im_end|>\n<|im_start|>assistant\n")
+    outputs = await session(thinker, "pin-items", [head, audio_chunk(token, items, tail)], final_params(3))
+    assert outputs[-1].finished
+    prompt = list(outputs[-1].prompt_token_ids)
+    assert prompt.count(token) == audio_token_count(len(samples)) == 50 + 50 + 34
     assert prompt[-len(tail) :] == tail
 
 
@@ -144,7 +160,7 @@ async def ingested(engine: ThinkerEngine, request_id: str, history, samples: np.
                    real_time: bool = True):  # fmt: skip
     """Appends the audio in 100 ms pieces, letting each complete block's prefill finish (as real time would;
     else all at once, so blocks queue behind the one in flight), then ends the turn; returns the answer's
-    summary and the blocks prefilled when the turn ended."""
+    summary, the blocks prefilled when the turn ended and the sessions restarted."""
     ingest = ThinkerIngest(engine, request_id, history, hidden_states=True)
     await bounded(ingest.start())
     for start in range(0, len(samples), PIECE):
@@ -154,7 +170,7 @@ async def ingested(engine: ThinkerEngine, request_id: str, history, samples: np.
     prefilled = ingest.prefilled_blocks
     events = await drain(ingest.finish(turn_request(request_id, history, samples, sampling)))
     assert ingest.fallback == (None if not sampling.stop else "stop strings")
-    return summary(events), prefilled
+    return summary(events), prefilled, ingest.restarts
 
 
 def assert_same_answer(streamed, whole) -> None:
@@ -179,8 +195,9 @@ async def test_an_ingested_turn_answers_as_the_conversation_sent_at_once(thinker
     """Greedy tokens, positions and every row equal; every complete block was prefilled before the turn ended."""
     samples = tone(seconds, seed=7)
     sampling = Sampling(max_tokens=MAX_TOKENS)
-    streamed, prefilled = await ingested(thinker, f"ingest-{seconds}", history, samples, sampling)
+    streamed, prefilled, restarts = await ingested(thinker, f"ingest-{seconds}", history, samples, sampling)
     assert prefilled == complete_blocks(samples) == int(seconds) // 2
+    assert restarts == 0  # the tone is as loud in its first block as anywhere
     assert_same_answer(streamed, await at_once(thinker, f"whole-{seconds}", history, samples, sampling))
 
 
@@ -188,9 +205,50 @@ async def test_blocks_still_queued_at_the_turns_end_travel_with_the_last_chunk(t
     """Audio faster than the prefill: whatever was not yet sent goes in the final chunk, same answer."""
     samples = tone(9.3, hz=300.0, seed=4)
     sampling = Sampling(max_tokens=MAX_TOKENS)
-    streamed, prefilled = await ingested(thinker, "ingest-backlog", (SYSTEM,), samples, sampling, real_time=False)
+    streamed, prefilled, _ = await ingested(thinker, "ingest-backlog", (SYSTEM,), samples, sampling, real_time=False)
     assert prefilled < complete_blocks(samples)
     assert_same_answer(streamed, await at_once(thinker, "whole-backlog", (SYSTEM,), samples, sampling))
+
+
+def louder_and_louder() -> np.ndarray:
+    """7 s whose second and third blocks are each louder than all before: each moves the clamp of a block already
+    prefilled (the first's quietest values lie under the new floor), the rest does not."""
+    return np.concatenate([0.3 * tone(2.2, seed=1), 0.6 * tone(2.0, seed=3), tone(2.8, seed=2)])
+
+
+async def test_a_turn_whose_loudest_block_comes_late_restarts_and_answers_as_sent_at_once(thinker):
+    """The session is restarted while the audio arrives, so the turn is still answered from it, exactly."""
+    samples = louder_and_louder()
+    sampling = Sampling(max_tokens=MAX_TOKENS)
+    streamed, prefilled, restarts = await ingested(thinker, "ingest-louder", (SYSTEM,), samples, sampling)
+    assert restarts == 2 and prefilled == complete_blocks(samples) == 3
+    assert_same_answer(streamed, await at_once(thinker, "whole-louder", (SYSTEM,), samples, sampling))
+    await assert_released(thinker)
+
+
+async def test_a_restart_releases_the_session_it_replaces(thinker):
+    """The replaced session leaves vLLM (its KV freed) and the tap while its successor goes on; closing the
+    successor leaves nothing."""
+    ingest = ThinkerIngest(thinker, "restarted", (SYSTEM,), hidden_states=True)
+    await bounded(ingest.start())
+    samples = louder_and_louder()
+    ingest.push_audio(samples[: BLOCK_SAMPLES + LOOKAHEAD])
+    await bounded(ingest.wait_prefilled(1))
+    ingest.push_audio(samples[BLOCK_SAMPLES + LOOKAHEAD : 2 * BLOCK_SAMPLES + LOOKAHEAD])
+    assert ingest.restarts == 1
+    assert list(thinker._streams) == ["restarted#ingest1"] and thinker._tapped == {"restarted#ingest1"}
+    await bounded(ingest.wait_prefilled(2))
+
+    def in_vllm() -> set[str]:  # vLLM suffixes its own request ids
+        return {key.rsplit("-", 1)[0] for key in thinker.llm.output_processor.request_states}
+
+    for _ in range(100):  # the abort is sent from a task of its own
+        if "restarted#ingest0" not in in_vllm():
+            break
+        await asyncio.sleep(0.1)
+    assert in_vllm() == {"restarted#ingest1"}
+    await bounded(ingest.close())
+    await assert_released(thinker)
 
 
 def spoken(events) -> tuple[list[int], np.ndarray, Finished]:
@@ -283,6 +341,6 @@ async def test_stop_strings_fall_back_to_the_conversation_sent_at_once(thinker):
     """vLLM refuses stop strings on streaming input: the turn is answered whole, the same way."""
     samples = tone(2.5, seed=9)
     sampling = Sampling(max_tokens=MAX_TOKENS, stop=("never said",))
-    streamed, _ = await ingested(thinker, "with-stop", (SYSTEM,), samples, sampling)
+    streamed, _, _ = await ingested(thinker, "with-stop", (SYSTEM,), samples, sampling)
     assert_same_answer(streamed, await at_once(thinker, "whole-stop", (SYSTEM,), samples, sampling))
     await assert_released(thinker)

@@ -4,6 +4,7 @@ the turn ends without an answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -13,6 +14,7 @@ from live import live_server, settled
 from realtime_client import chunks, raw, silence, speech
 
 from omnitalk.engine import media
+from omnitalk.engine.thinker.features import BLOCK_SAMPLES, LOOKAHEAD
 from omnitalk.server.realtime.input_audio import Resampled
 from omnitalk.server.realtime.protocol import SAMPLE_RATE
 
@@ -101,6 +103,45 @@ async def test_a_spoken_turn_is_answered_from_its_ingest_session(server, omni, s
         sent_at_once = await turn(off_url, utterances[kind])
         assert answers(off_state) == (0, 0, 0)
     assert ingested == sent_at_once and ingested
+
+
+async def held(state, blocks: int) -> int:
+    """Waits until the open ingest sessions hold `blocks` blocks prefilled (the engine's own reports, through the
+    server's gauge); returns how many they hold."""
+    gauge = state.metrics.ingest_prefilled
+    for _ in range(2400):
+        if gauge._value.get() >= blocks:
+            break
+        await asyncio.sleep(0.05)
+    return gauge._value.get()
+
+
+async def test_every_complete_block_of_a_30s_utterance_is_prefilled_before_it_is_committed(server):
+    """30.1 s of speech (15 complete 2 s blocks) appended 100 ms at a time, waiting between appends for the blocks
+    the audio so far completes (a 16 kHz sample of margin per 100 for the resampler's delay); its loudest block is
+    not its first, so the session is restarted on the way. At the commit every block is prefilled, and the turn
+    is answered from the session with all 15, none sent at once."""
+    url, state = server
+    samples = speech(30.1)
+    before, restarts = answers(state), state.metrics.ingest_restarts._value.get()
+    async with raw(url) as (ws, events):
+        await send(ws, {"type": "session.update", "session": MANUAL})
+        await events.until("session.updated")
+        sent = 0
+        for chunk in chunks(samples):
+            await send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+            sent += len(chunk) * 3 // 4 // 2  # base64 of pcm16
+            received = sent * 2 // 3 * 99 // 100
+            await held(state, max(0, received - LOOKAHEAD) // BLOCK_SAMPLES)
+        assert await held(state, 15) == 15  # before the commit is sent
+        await send(ws, {"type": "input_audio_buffer.commit"})
+        await events.until("conversation.item.done")
+        await send(ws, {"type": "response.create"})
+        done = (await events.until("response.done"))[-1]
+        assert done["response"]["output"][0]["content"][0]["transcript"]
+    assert answers(state) == (before[0] + 1, before[1], before[2] + 15)
+    assert state.metrics.ingest_restarts._value.get() > restarts
+    assert await settled(state) and state.metrics.ingest_prefilled._value.get() == 0
 
 
 async def opened(ws, events, state) -> None:
