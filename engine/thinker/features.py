@@ -14,7 +14,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from omnitalk.engine.thinker.prompt import N_FFT
+from omnitalk.engine.thinker.prompt import N_FFT, audio_token_count
 
 HOP = 160  # samples per frame
 BLOCK_FRAMES = 200  # the audio encoder's attention block: 2 * n_window
@@ -66,6 +66,19 @@ def clip_features(samples: np.ndarray, num_mels: int) -> torch.Tensor:
     padded = torch.nn.functional.pad(wave[None, None], (N_FFT // 2, N_FFT // 2), mode="reflect")[0, 0]
     log_spec = _log_mel(padded, num_mels)[:, :-1]
     return _finish(log_spec, float(log_spec.max()))[:, : num_frames(len(samples))]
+
+
+def split_blocks(features: torch.Tensor) -> list[torch.Tensor]:
+    """An utterance's features [num_mels, frames] as the audio items it is sent as: one contiguous float32
+    [num_mels, BLOCK_FRAMES] per complete block, then the rest if it makes at least one audio token (a rest
+    too short for one adds nothing to the prompt, as it adds nothing to the whole clip's tokens)."""
+    features = features.to(torch.float32)
+    complete = features.shape[1] // BLOCK_FRAMES
+    items = [features[:, k * BLOCK_FRAMES : (k + 1) * BLOCK_FRAMES].contiguous() for k in range(complete)]
+    rest = features[:, complete * BLOCK_FRAMES :]
+    if audio_token_count(rest.shape[1] * HOP) > 0:
+        items.append(rest.contiguous())
+    return items
 
 
 class BlockFeatures:
