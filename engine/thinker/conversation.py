@@ -17,9 +17,11 @@ the items `features.split_blocks` gives, each hashed by its own data.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerEvent, ThinkerText
@@ -43,14 +45,32 @@ def features_audio(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def session_prompt(prompt: dict[str, Any], num_mels: int, audio_token: int) -> dict[str, Any]:
+class ClipItems:
+    """A session's clips as block items, each computed once: a Realtime item's samples array comes back, the same
+    object, in every later turn (features of 200 s of audio take about half a second on a loaded 2-core CPU)."""
+
+    def __init__(self, num_mels: int) -> None:
+        self.num_mels = num_mels
+        self._items: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
+
+    def __call__(self, samples: np.ndarray) -> list[torch.Tensor]:
+        entry = self._items.get(id(samples))
+        if entry is not None and entry[0]() is samples:
+            return entry[1]
+        items = split_blocks(clip_features(samples, self.num_mels))
+        self._items = {k: v for k, v in self._items.items() if v[0]() is not None}  # clips no item holds any more
+        self._items[id(samples)] = (weakref.ref(samples), items)
+        return items
+
+
+def session_prompt(prompt: dict[str, Any], clip_items: ClipItems, audio_token: int) -> dict[str, Any]:
     """`prompt` (from `build_prompt`, audio as samples) with every clip sent as its block items instead: each clip's
     one `<|AUDIO|>` becomes one per item. A clip too short for one audio token stays as it was (the whole prompt
     does: vLLM takes one form of audio per request) and fails in vLLM as it would have."""
     clips = [samples for samples, _ in prompt.get("multi_modal_data", {}).get("audio", [])]
     if not clips:
         return prompt
-    per_clip = [split_blocks(clip_features(samples, num_mels)) for samples in clips]
+    per_clip = [clip_items(samples) for samples in clips]
     if any(not items for items in per_clip):
         return prompt
     counts = iter([len(items) for items in per_clip])
@@ -110,11 +130,16 @@ class SessionRows:
 
 
 class SessionStates:
-    """Every session's rows, by the session's key; each session holds at most one request's (`max_rows`)."""
+    """Every session's rows, by the session's key; each session holds at most one request's (`max_rows`), and the
+    block items of its clips."""
 
-    def __init__(self, max_rows: int) -> None:
-        self.max_rows = max_rows
+    def __init__(self, max_rows: int, num_mels: int) -> None:
+        self.max_rows, self.num_mels = max_rows, num_mels
         self._sessions: dict[str, SessionRows] = {}
+        self._clips: dict[str, ClipItems] = {}
+
+    def clip_items(self, session: str) -> ClipItems:
+        return self._clips.setdefault(session, ClipItems(self.num_mels))
 
     def get(self, session: str) -> SessionRows | None:
         return self._sessions.get(session)
@@ -128,6 +153,7 @@ class SessionStates:
     def forget(self, session: str) -> None:
         """The session ended: its rows go (its KV blocks stay in vLLM's cache until evicted, unreachable)."""
         self._sessions.pop(session, None)
+        self._clips.pop(session, None)
 
     @property
     def num_bytes(self) -> int:

@@ -105,10 +105,10 @@ class ThinkerEngine:
         self._receiver: asyncio.Task | None = None
         self._stopping = False
         self.num_receiver_failures = 0  # times the row receiver died and was restarted
-        self.sessions = SessionStates(max_rows=self.max_model_len)
-        self.num_resent = 0  # session requests resent alone: vLLM had cached more than the session's rows cover
         config = self.llm.model_config.hf_config
-        self._num_mels = getattr(config, "thinker_config", config).audio_config.num_mel_bins
+        num_mels = getattr(config, "thinker_config", config).audio_config.num_mel_bins
+        self.sessions = SessionStates(max_rows=self.max_model_len, num_mels=num_mels)
+        self.num_resent = 0  # session requests resent alone: vLLM had cached more than the session's rows cover
         self._audio_token = self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
 
     @property
@@ -139,7 +139,7 @@ class ThinkerEngine:
         try:
             session = self._session_of(request)
             try:  # rendering a long conversation's chat template takes milliseconds: not on the event loop
-                prompt = await asyncio.to_thread(self._render, request, session is not None)
+                prompt = await asyncio.to_thread(self._render, request, session)
             except PromptError as error:
                 raise ThinkerInputError(str(error)) from error
             if request.hidden_states:
@@ -191,9 +191,11 @@ class ThinkerEngine:
             return None
         return None if request.use_audio_in_video else request.session
 
-    def _render(self, request: ThinkerRequest, in_session: bool) -> dict:
+    def _render(self, request: ThinkerRequest, session: str | None) -> dict:
         prompt = build_prompt(request.messages, self.tokenizer, use_audio_in_video=request.use_audio_in_video)
-        return session_prompt(prompt, self._num_mels, self._audio_token) if in_session else prompt
+        if session is None:
+            return prompt
+        return session_prompt(prompt, self.sessions.clip_items(session), self._audio_token)
 
     async def _submit(
         self,

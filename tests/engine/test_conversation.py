@@ -10,6 +10,7 @@ from thinker_cases import tone
 
 from omnitalk.engine.thinker.conversation import (
     AUDIO_PLACEHOLDER,
+    ClipItems,
     Recorder,
     SessionRows,
     SessionStates,
@@ -67,7 +68,7 @@ def test_the_recorder_keeps_every_position_with_a_row():
     recorder.add(ThinkerText([4], "a"))
     recorder.add(HiddenStates(3, torch.tensor([[6.0, 7.0]])))
     recorder.add(ThinkerText([5], "b"))  # the last token: never fed back, no row
-    sessions = SessionStates(max_rows=10)
+    sessions = SessionStates(max_rows=10, num_mels=NUM_MELS)
     recorder.store(sessions, "s")
     stored = sessions.get("s")
     assert stored.keys == content_keys([1, 2, 3, 4]) and torch.equal(stored.rows, torch.arange(8.0).reshape(4, 2))
@@ -77,7 +78,7 @@ def test_the_recorder_keeps_every_position_with_a_row():
 
 
 def test_a_request_longer_than_the_bound_is_not_kept():
-    sessions = SessionStates(max_rows=2)
+    sessions = SessionStates(max_rows=2, num_mels=NUM_MELS)
     sessions.put("s", content_keys([1, 2, 3]), torch.zeros(3, 1))
     assert sessions.get("s") is None
 
@@ -108,11 +109,14 @@ def test_a_session_prompt_sends_each_clip_as_its_blocks():
     text = f"a<|audio_bos|>{AUDIO_PLACEHOLDER}<|audio_eos|>b<|audio_bos|>{AUDIO_PLACEHOLDER}<|audio_eos|>"
     prompt = {"prompt": text, "multi_modal_data": {"audio": [(c, 16000) for c in clips]},
               "mm_processor_kwargs": {"use_audio_in_video": False, "audio_kwargs": {"max_length": 1}}}  # fmt: skip
-    result = session_prompt(prompt, NUM_MELS, audio_token=999)
+    clip_items = ClipItems(NUM_MELS)
+    result = session_prompt(prompt, clip_items, audio_token=999)
     assert result["prompt"].count(AUDIO_PLACEHOLDER) == 3 + 1
     assert result["prompt"].startswith(f"a<|audio_bos|>{AUDIO_PLACEHOLDER * 3}<|audio_eos|>b")
     assert result["mm_processor_kwargs"] == {"use_audio_in_video": False}
     assert result["multi_modal_data"]["audio"]["audio_feature_lengths"].tolist() == [200, 200, 137, 100]
     ids = {"prompt_token_ids": [5, 999, 6, 999], "multi_modal_data": prompt["multi_modal_data"]}
-    assert session_prompt(ids, NUM_MELS, audio_token=999)["prompt_token_ids"] == [5, 999, 999, 999, 6, 999]
+    assert session_prompt(ids, clip_items, audio_token=999)["prompt_token_ids"] == [5, 999, 999, 999, 6, 999]
+    assert clip_items(clips[0]) is clip_items(clips[0])  # computed once per clip
+    assert torch.equal(torch.cat(clip_items(clips[0].copy()), dim=1), clip_features(clips[0], NUM_MELS))
     assert np.array_equal(prompt["multi_modal_data"]["audio"][0][0], clips[0])  # the input is left alone

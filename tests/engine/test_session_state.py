@@ -10,10 +10,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from thinker_cases import tone
+from thinker_cases import picture, tone
 
 from omnitalk.engine.omni import AudioDelta, Finished, OmniEngine, OmniRequest, Speech
-from omnitalk.engine.request import Audio, Message, Sampling, Text, ThinkerRequest
+from omnitalk.engine.request import Audio, Image, Message, Sampling, Text, ThinkerRequest
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.engine import ThinkerEngine
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
@@ -108,6 +108,17 @@ async def test_later_turns_reuse_the_session_and_answer_as_sent_at_once(thinker)
     assert deleted.done.num_cached_tokens < len(one.prompt_ids)
     thinker.forget_session(session)
     assert thinker.sessions.get(session) is None
+
+
+async def test_images_beside_block_audio_answer_as_sent_at_once(thinker):
+    """A session's audio goes as feature items, its images as they are: the two forms in one request."""
+    session = "sess-image"
+    first = (SYSTEM, Message("user", (Image(picture(56, 56, seed=1)), Audio(tone(4.2, seed=11)))))
+    one = await turn(thinker, "m1", first, session)
+    second = (*first, Message("assistant", (Text(one.text),)), user_audio(2.0, 12))
+    two = await turn(thinker, "m2", second, session)
+    assert two.done.num_cached_tokens > len(one.prompt_ids) // 2
+    thinker.forget_session(session)
 
 
 async def test_a_turn_after_an_ingested_turn_answers_as_sent_at_once(thinker):
