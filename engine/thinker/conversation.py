@@ -65,10 +65,12 @@ class ClipItems:
 
 def session_prompt(prompt: dict[str, Any], clip_items: ClipItems, audio_token: int) -> dict[str, Any]:
     """`prompt` (from `build_prompt`, audio as samples) with every clip sent as its block items instead: each clip's
-    one `<|AUDIO|>` becomes one per item. A clip too short for one audio token stays as it was (the whole prompt
-    does: vLLM takes one form of audio per request) and fails in vLLM as it would have."""
-    clips = [samples for samples, _ in prompt.get("multi_modal_data", {}).get("audio", [])]
-    if not clips:
+    one `<|AUDIO|>` becomes one per item. The prompt stays as it is when it holds images or videos (vLLM's
+    processor, run on those, would find the audio placeholders without their audio) or a clip too short for one
+    audio token (which fails in vLLM as it would have)."""
+    media = prompt.get("multi_modal_data", {})
+    clips = [samples for samples, _ in media.get("audio", [])]
+    if not clips or set(media) != {"audio"}:
         return prompt
     per_clip = [clip_items(samples) for samples in clips]
     if any(not items for items in per_clip):

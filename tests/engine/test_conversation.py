@@ -120,3 +120,5 @@ def test_a_session_prompt_sends_each_clip_as_its_blocks():
     assert clip_items(clips[0]) is clip_items(clips[0])  # computed once per clip
     assert torch.equal(torch.cat(clip_items(clips[0].copy()), dim=1), clip_features(clips[0], NUM_MELS))
     assert np.array_equal(prompt["multi_modal_data"]["audio"][0][0], clips[0])  # the input is left alone
+    with_image = {**prompt, "multi_modal_data": {**prompt["multi_modal_data"], "image": ["a picture"]}}
+    assert session_prompt(with_image, clip_items, audio_token=999) is with_image

@@ -111,7 +111,8 @@ async def test_later_turns_reuse_the_session_and_answer_as_sent_at_once(thinker)
 
 
 async def test_images_beside_block_audio_answer_as_sent_at_once(thinker):
-    """A session's audio goes as feature items, its images as they are: the two forms in one request."""
+    """With an image, a session's audio goes as samples (vLLM's processor takes no feature items beside images): still
+    exact, and reused as long as no later clip is longer (the processor's padding enters the audio's hash)."""
     session = "sess-image"
     first = (SYSTEM, Message("user", (Image(picture(56, 56, seed=1)), Audio(tone(4.2, seed=11)))))
     one = await turn(thinker, "m1", first, session)
