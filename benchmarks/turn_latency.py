@@ -29,6 +29,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import httpx
 from serve_bench import served
 
 from omnitalk.clients.bench.cli import server_model
@@ -45,6 +46,7 @@ VOICE = "Chelsie"
 SETTING = "ingest_audio"
 STATE = "session_state"
 Mode = tuple[bool, bool]  # (ingestion, session state)
+COUNTERS = ("omnitalk:thinker_cached_tokens_total", "omnitalk:ingested_turns_total", "omnitalk:prompt_tokens_total")
 
 
 def server_modes(ingestion: list[str], state: list[str]) -> list[Mode]:
@@ -65,22 +67,29 @@ async def with_server(model: Path, mode: Mode, runs: Any) -> Any:
         return await runs(url)
 
 
-async def measure(args: argparse.Namespace, url: str) -> tuple[RunResult | None, RunResult]:
+async def measure(args: argparse.Namespace, url: str) -> tuple[RunResult | None, RunResult, list[str]]:
     """The by-length run (one turn per session, a warm-up first; None without lengths) and the long session, on one
-    server."""
+    server; then the server's reuse and ingestion counters."""
     model = await server_model(url)
     common = {"voice": VOICE, "max_tokens": args.max_tokens, "timeout": 600.0, "seed": 0}
     lengths, _ = utterance_inputs(args.utterance_s)
     n = len(lengths) * args.repeats
-    by_length = BenchConfig(url, model, lengths, [Load("concurrency", num_requests=n)], ("realtime",), warmups=1,
-                            turn_taking=TurnTaking("server_vad", 1, args.vad_silence_ms), **common)  # fmt: skip
+    first = None
+    if lengths:
+        by_length = BenchConfig(url, model, lengths, [Load("concurrency", num_requests=n)], ("realtime",),
+                                warmups=1, turn_taking=TurnTaking("server_vad", 1, args.vad_silence_ms),
+                                **common)  # fmt: skip
+        first = (await run_bench(by_length)).runs[0]
     turns, _ = utterance_inputs([args.session_turn_s], seed=1)
     taking = TurnTaking("server_vad", args.session_turns, args.vad_silence_ms)
     session = BenchConfig(url, model, turns, [Load("concurrency", num_requests=args.session_turns)], ("realtime",),
                           turn_taking=taking, **common)  # fmt: skip
-    first = (await run_bench(by_length)).runs[0] if lengths else None
     second = (await run_bench(session)).runs[0]
-    return first, second
+    async with httpx.AsyncClient() as client:  # what the server says it reused and ingested
+        metrics = (await client.get(f"{url}/metrics")).text
+    counters = [line for line in metrics.splitlines() if line.startswith(COUNTERS)]
+    print("\n".join(counters), file=sys.stderr)
+    return first, second, counters
 
 
 def failures(records: Records) -> list[str]:
@@ -157,8 +166,8 @@ async def measure_all(args: argparse.Namespace) -> dict[str, Any]:
         results[mode_name(mode)] = await with_server(model, mode, lambda url: measure(args, url))
     data = {"date": str(datetime.date.today()), "model": str(model), "argv": sys.argv[1:],
             "minutes": (time.perf_counter() - began) / 60, "args": vars(args),
-            "modes": {name: {"by_length": run_json(a, {}) if a else None, "session": run_json(b, {})}
-                      for name, (a, b) in results.items()}}  # fmt: skip
+            "modes": {name: {"by_length": run_json(a, {}) if a else None, "session": run_json(b, {}), "counters": c}
+                      for name, (a, b, c) in results.items()}}  # fmt: skip
     args.result_json.parent.mkdir(parents=True, exist_ok=True)
     args.result_json.write_text(json.dumps(data, indent=1, default=str))
     print(f"results: {args.result_json}", file=sys.stderr)
