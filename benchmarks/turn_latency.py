@@ -122,13 +122,20 @@ def length_table(results: dict[str, tuple[Records, Records]]) -> list[str]:
 
 
 def session_table(results: dict[str, tuple[Records, Records]]) -> list[str]:
+    """Turn latency by turn number per mode, and the first text's time (from response.create: the thinker's part)."""
     names = list(results)
     by_mode = {name: turn_latency_by(session, "turn_number") for name, (_, session) in results.items()}
+    first_text = {name: {r.turn_number: r.ttft_s for r in session if r.success and r.ttft_s is not None}
+                  for name, (_, session) in results.items()}  # fmt: skip
     numbers = sorted({n for groups in by_mode.values() for n in groups})
-    lines = ["| turn | " + " | ".join(f"turn ms, ingestion {n}" for n in names) + " |",
-             "|---|" + "---|" * len(names)]  # fmt: skip
+    heads = [f"turn ms, ingestion {n} | first text ms" for n in names]
+    lines = ["| turn | " + " | ".join(heads) + " |", "|---|" + "---|---|" * len(names)]
     for number in numbers:
-        cells = [f"{g[number]['median_turn_ms']:.0f}" if number in (g := by_mode[n]) else "-" for n in names]
+        cells = []
+        for n in names:
+            turn = f"{by_mode[n][number]['median_turn_ms']:.0f}" if number in by_mode[n] else "-"
+            text = f"{1e3 * first_text[n][number]:.0f}" if number in first_text[n] else "-"
+            cells.append(f"{turn} | {text}")
         lines.append(f"| {number} | " + " | ".join(cells) + " |")
     for name, groups in by_mode.items():
         if 1 in groups and numbers and numbers[-1] in groups:
