@@ -40,6 +40,7 @@ class OmniRequest:
     sampling: Sampling = field(default_factory=Sampling)
     speech: Speech | None = None  # None: text only, the talker is skipped
     use_audio_in_video: bool = False
+    session: str | None = None  # a conversation whose earlier turns' thinker state this request may reuse
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class Usage:
     prompt_tokens: int
     text_tokens: int
     audio_tokens: int  # codec tokens, 50 per second of audio
+    cached_tokens: int = 0  # prompt tokens the thinker served from its prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class OmniEngine:
             request.sampling,
             use_audio_in_video=request.use_audio_in_video,
             hidden_states=request.speech is not None,
+            session=request.session,
         )
         thinker = ingest.finish(thinker_request) if ingest is not None else self.thinker.generate(thinker_request)
         if request.speech is None:
@@ -150,7 +153,7 @@ class OmniEngine:
             if isinstance(event, ThinkerText):
                 yield TextDelta(event.text, event.token_ids)
             elif isinstance(event, ThinkerDone):
-                usage = Usage(event.num_prompt_tokens, event.num_generated_tokens, 0)
+                usage = Usage(event.num_prompt_tokens, event.num_generated_tokens, 0, event.num_cached_tokens)
                 yield Finished(event.finish_reason, usage)
 
     async def _spoken(self, key: str, thinker: AsyncIterator[ThinkerEvent], speech: Speech) -> AsyncIterator[OmniEvent]:
@@ -177,8 +180,9 @@ class OmniEngine:
                         speech_done = event
                     case SpeechFailed(error) | _FeedFailed(error):
                         raise error
-            usage = Usage(thinker_done.num_prompt_tokens, thinker_done.num_generated_tokens, speech_done.num_codes)
-            yield Finished(thinker_done.finish_reason, usage)
+            done, codes = thinker_done, speech_done.num_codes
+            usage = Usage(done.num_prompt_tokens, done.num_generated_tokens, codes, done.num_cached_tokens)
+            yield Finished(done.finish_reason, usage)
         finally:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):

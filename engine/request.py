@@ -56,3 +56,6 @@ class ThinkerRequest:
     sampling: Sampling = field(default_factory=Sampling)
     use_audio_in_video: bool = False  # interleave each video's soundtrack with its frames (2 s chunks)
     hidden_states: bool = False  # stream every position's last-layer hidden state (requests that speak)
+    # The conversation (a Realtime session) whose earlier requests' thinker state this one may reuse: the prefix
+    # cache under the session's salt and its rows (`thinker/conversation.py`); None: nothing is shared.
+    session: str | None = None

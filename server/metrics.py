@@ -45,6 +45,10 @@ class Metrics:
             "omnitalk:ingested_turns", "Realtime turns ingested while spoken, by how they were answered: session "
             "(from the prefilled session) or fallback (the conversation sent at once)", ["answer"], registry=r,
         )  # fmt: skip
+        self.thinker_cached_tokens = Counter(
+            "omnitalk:thinker_cached_tokens", "Realtime prompt tokens the thinker served from its prefix cache (for "
+            "a spoken turn: its session's earlier turns, with their stored hidden-state rows)", registry=r,
+        )  # fmt: skip
         self.ingested_blocks = Counter(
             "omnitalk:ingested_blocks", "2 s blocks of user audio prefilled before the turn ended", registry=r
         )

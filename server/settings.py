@@ -67,6 +67,9 @@ class ServerSettings(BaseSettings):
     """a Realtime response's prompt and answer together, at most (older items are truncated); none: the context"""
     ingest_audio: bool = True
     """Realtime: prefill the thinker with the user's audio while they speak (streaming input), not at commit"""
+    session_state: bool = True
+    """Realtime: a turn reuses the thinker state of the session's earlier turns (prefix cache under the session's
+    salt, their hidden-state rows kept); off: every turn is prefilled whole, alone"""
 
     # The speech stage.
     speech_device: str = "auto"
@@ -99,8 +102,9 @@ class ServerSettings(BaseSettings):
     """the thinker's KV cache dtype"""
     quantization: str | None = None
     """the thinker's weight quantization method; none: as the checkpoint says"""
-    enable_prefix_caching: bool = False
-    """reuse cached prompt prefixes for text-only requests (spoken ones bypass the cache: they need every row)"""
+    enable_prefix_caching: bool = True
+    """reuse cached prompt prefixes: text-only requests, and a Realtime session's earlier turns (session_state);
+    other spoken requests bypass the cache (they need every row)"""
     distributed_executor_backend: str | None = None
     """how vLLM runs tensor-parallel workers (mp, ray, ...); none: vLLM's choice"""
 

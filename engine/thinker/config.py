@@ -27,7 +27,7 @@ class ThinkerConfig:
     enforce_eager: bool = False
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
-    enable_prefix_caching: bool = False  # spoken requests are salted out of it (they need every row)
+    enable_prefix_caching: bool = True  # spoken requests are salted alone, or per session (conversation.py)
     distributed_executor_backend: str | None = None
     seed: int = 0
 

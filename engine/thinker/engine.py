@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import tempfile
@@ -18,6 +19,13 @@ from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.request import Sampling, ThinkerRequest
 from omnitalk.engine.thinker import rows as wire
 from omnitalk.engine.thinker.config import ThinkerConfig, check_vllm_config, pin_v1_runner, served_dtype
+from omnitalk.engine.thinker.conversation import (
+    AUDIO_PLACEHOLDER,
+    Recorder,
+    SessionStates,
+    content_keys,
+    session_prompt,
+)
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.prompt import PromptError, build_prompt
 from omnitalk.engine.thinker.receiver import Decoded, RowReceiver
@@ -77,6 +85,10 @@ class _Arrived:
     items: list[_Positions | HiddenStates]
 
 
+class _Uncovered(Exception):
+    """vLLM served more of a session request's prefix from its cache than the session has rows for."""
+
+
 class ThinkerEngine:
     """`generate(request)` streams ThinkerEvents; leaving the stream early aborts the request in vLLM."""
 
@@ -98,6 +110,11 @@ class ThinkerEngine:
         self._receiver: asyncio.Task | None = None
         self._stopping = False
         self.num_receiver_failures = 0  # times the row receiver died and was restarted
+        config = self.llm.model_config.hf_config
+        num_mels = getattr(config, "thinker_config", config).audio_config.num_mel_bins
+        self.sessions = SessionStates(max_rows=self.max_model_len, num_mels=num_mels)
+        self.num_resent = 0  # session requests resent alone: vLLM had cached more than the session's rows cover
+        self._audio_token = self.tokenizer.convert_tokens_to_ids(AUDIO_PLACEHOLDER)
 
     @property
     def failure(self) -> str | None:
@@ -120,46 +137,127 @@ class ThinkerEngine:
     async def generate(self, request: ThinkerRequest) -> AsyncIterator[ThinkerEvent]:
         if request.request_id in self._streams:
             raise ThinkerInputError(f"request id {request.request_id!r} is already running")
-        # Bounded by construction: at most one text and one rows item per engine step and position.
-        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.max_model_len + 4)
-        self._streams[request.request_id] = queue  # claimed before the first await, so ids stay unique
-        if request.hidden_states:
-            self._tapped.add(request.request_id)
+        key = request.request_id  # the stream's id in vLLM and the tap; a resend gets another
+        queue = self._claim(key, request.hidden_states)  # claimed before the first await, so ids stay unique
         producer: asyncio.Task | None = None
         done = False
         try:
+            session = self._session_of(request)
             try:  # rendering a long conversation's chat template takes milliseconds: not on the event loop
-                prompt = await asyncio.to_thread(
-                    build_prompt, request.messages, self.tokenizer, use_audio_in_video=request.use_audio_in_video
-                )
+                prompt = await asyncio.to_thread(self._render, request, session)
             except PromptError as error:
                 raise ThinkerInputError(str(error)) from error
             if request.hidden_states:
-                prompt["cache_salt"] = request.request_id  # cached positions would never be recomputed: no rows
                 self._ensure_receiver()
-            producer = asyncio.create_task(self._pump(request, prompt, queue))
-            async for event in _ordered(queue, request.hidden_states):
-                done = isinstance(event, ThinkerDone)
-                yield event
+            recorder = Recorder() if session is not None else None
+            while True:
+                attempt = dataclasses.replace(request, request_id=key)
+                submitted, covered = await self._submit(attempt, prompt, queue, session, recorder)
+                producer = asyncio.create_task(self._pump(attempt, submitted, queue, covered))
+                try:
+                    async for event in _ordered(queue, request.hidden_states):
+                        done = isinstance(event, ThinkerDone)
+                        if recorder is not None:
+                            recorder.add(event)
+                            if done:
+                                recorder.store(self.sessions, request.session)
+                        yield event
+                    break
+                except _Uncovered:  # nothing was yielded yet: resend under a fresh salt, with a fresh stream
+                    self.num_resent += 1
+                    producer.cancel()
+                    await self.abort(key)
+                    self._release(key)
+                    key, session = f"{request.request_id}#resent", None
+                    queue = self._claim(key, request.hidden_states)
         finally:
-            self._streams.pop(request.request_id, None)
-            self._tapped.discard(request.request_id)
+            self._release(key)
             if producer is not None:
                 producer.cancel()
                 if not done:
-                    await self.abort(request.request_id)
+                    await self.abort(key)
+
+    def _claim(self, key: str, hidden_states: bool) -> asyncio.Queue:
+        # Bounded by construction: at most one text and one rows item per engine step and position (plus the
+        # stored rows of a session's prefix, one item).
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self.max_model_len + 5)
+        self._streams[key] = queue
+        if hidden_states:
+            self._tapped.add(key)
+        return queue
+
+    def _release(self, key: str) -> None:
+        self._streams.pop(key, None)
+        self._tapped.discard(key)
+
+    def _session_of(self, request: ThinkerRequest) -> str | None:
+        """The salt of a request that reuses its session's state; None: it is salted alone (if it wants rows)."""
+        if request.session is None or not request.hidden_states:
+            return None
+        return None if request.use_audio_in_video else request.session
+
+    def _render(self, request: ThinkerRequest, session: str | None) -> dict:
+        prompt = build_prompt(request.messages, self.tokenizer, use_audio_in_video=request.use_audio_in_video)
+        if session is None:
+            return prompt
+        return session_prompt(prompt, self.sessions.clip_items(session), self._audio_token)
+
+    async def _submit(
+        self,
+        request: ThinkerRequest,
+        prompt: dict,
+        queue: asyncio.Queue,
+        session: str | None,
+        recorder: Recorder | None,
+    ):
+        """What `_pump` sends, and how many leading positions have their rows already in `queue` (None: the
+        request is salted alone, vLLM computes every position). A session's request is processed here (in a
+        thread, as vLLM would) so that its positions' content keys are known before vLLM computes anything:
+        the rows the session holds for its prefix must be in the stream before the tap's first rows."""
+        if not request.hidden_states:
+            return prompt, None
+        if session is None:
+            return {**prompt, "cache_salt": request.request_id}, None  # cached positions would have no rows
+        processor = self.llm.input_processor
+        try:
+            tasks = await self.llm.get_supported_tasks()
+            params = _sampling_params(request)
+            core = await processor.process_inputs_async(
+                request.request_id, {**prompt, "cache_salt": session}, params, supported_tasks=tasks
+            )
+        except Exception as error:
+            raise _classify(error) from error
+        keys = content_keys(list(core.prompt_token_ids or ()), core.mm_features)
+        stored = self.sessions.get(session)
+        covered = stored.covered(keys) if stored is not None else 0
+        if covered:
+            queue.put_nowait(HiddenStates(0, stored.rows[:covered]))
+        assert recorder is not None
+        recorder.keys = keys
+        return core, covered
 
     async def abort(self, request_id: str) -> None:
         """Idempotent: unknown or finished ids are ignored."""
         await self.llm.abort(request_id)
 
-    async def _pump(self, request: ThinkerRequest, prompt: dict, queue: asyncio.Queue) -> None:
+    def forget_session(self, session: str) -> None:
+        """The session ended: its rows are dropped."""
+        self.sessions.forget(session)
+
+    async def _pump(self, request: ThinkerRequest, prompt, queue: asyncio.Queue, covered: int | None) -> None:
+        """`covered`: the leading positions whose rows are in the stream already; vLLM reporting more cached
+        positions than that ends the stream with _Uncovered (before anything is announced)."""
         params = _sampling_params(request)
         generated = 0
+        cached = 0
         started = False
         try:
             async for output in self.llm.generate(prompt, params, request.request_id):
                 if not started:
+                    cached = output.num_cached_tokens or 0
+                    if covered is not None and cached > covered:
+                        _fail(queue, _Uncovered())
+                        return
                     queue.put_nowait(ThinkerStart(list(output.prompt_token_ids or ())))
                     started = True
                 completion = output.outputs[0]
@@ -167,7 +265,8 @@ class ThinkerEngine:
                 queue.put_nowait(ThinkerText(list(completion.token_ids), completion.text))
                 if output.finished:
                     prompt_len = len(output.prompt_token_ids or ())
-                    queue.put_nowait(ThinkerDone(completion.finish_reason or "stop", prompt_len, generated))
+                    reason = completion.finish_reason or "stop"
+                    queue.put_nowait(ThinkerDone(reason, prompt_len, generated, cached))
         except asyncio.CancelledError:
             raise
         except Exception as error:

@@ -38,6 +38,7 @@ class ThinkerDone:
     finish_reason: str  # "stop", "length" or "abort"
     num_prompt_tokens: int
     num_generated_tokens: int
+    num_cached_tokens: int = 0  # prompt positions vLLM served from its prefix cache
 
 
 ThinkerEvent = ThinkerStart | ThinkerText | HiddenStates | ThinkerDone

@@ -288,7 +288,7 @@ def _client_path(data: object, loc: tuple) -> str:
 
 
 # Responses (plain dicts built by these helpers keep the exact OpenAI shape, nulls included).
-def usage(prompt: dict[str, int], text_tokens: int, audio_tokens: int) -> dict[str, Any]:
+def usage(prompt: dict[str, int], text_tokens: int, audio_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     prompt_tokens = prompt["total"]
     return {
         "prompt_tokens": prompt_tokens,
@@ -296,7 +296,7 @@ def usage(prompt: dict[str, int], text_tokens: int, audio_tokens: int) -> dict[s
         "total_tokens": prompt_tokens + text_tokens + audio_tokens,
         "prompt_tokens_details": {
             "audio_tokens": prompt["audio"],
-            "cached_tokens": 0,  # prefix caching is off: a speaking request needs every position's hidden state
+            "cached_tokens": cached_tokens,  # speaking requests are salted alone: always 0 for them
             "image_tokens": prompt["image"],
             "text_tokens": prompt["text"],
         },

@@ -262,4 +262,5 @@ class ChatServing:
     @staticmethod
     def _usage(conversation: Conversation, finished: Finished) -> dict[str, Any]:
         u = finished.usage
-        return protocol.usage(prompt_details(conversation, u.prompt_tokens), u.text_tokens, u.audio_tokens)
+        details = prompt_details(conversation, u.prompt_tokens)
+        return protocol.usage(details, u.text_tokens, u.audio_tokens, u.cached_tokens)

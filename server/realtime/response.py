@@ -218,6 +218,7 @@ class LiveResponse:
                 self.state.metrics.ingested(self.ingest.fallback, self.ingest.prefilled_blocks)
             if finished is None:
                 raise RuntimeError("the engine's stream ended without Finished")
+            self.state.metrics.thinker_cached_tokens.inc(finished.usage.cached_tokens)
             self._words(*self.parser.finish())
         except (MediaError, ThinkerInputError, PromptError, BudgetError) as error:
             details = {"type": "invalid_request_error", "code": "invalid_prompt", "message": str(error)}
@@ -245,7 +246,9 @@ class LiveResponse:
         if spec.audio and not spec.tools.forced:  # a forced answer is a call: nothing to say
             until = call_tokens(self.state.engine.thinker.tokenizer) if spec.tools.active else frozenset()
             speech = Speech(spec.voice, TalkerSampling(max_tokens=talker_max_codes(spec.max_tokens)), until)
-        return OmniRequest(self.id, spec.messages, sampling, speech)
+        # A spoken answer reuses the session's earlier turns (prefix cache and rows) unless that is turned off.
+        session = self.session.id if speech is not None and self.state.settings.session_state else None
+        return OmniRequest(self.id, spec.messages, sampling, speech, session=session)
 
     def _text(self, delta: TextDelta) -> None:
         self.num_text_tokens += len(delta.token_ids)
@@ -345,9 +348,10 @@ class LiveResponse:
         """Token counts; a cancelled response counts what it generated and, its prompt unknown, no input."""
         if finished is not None:
             prompt, text, codes = finished.usage.prompt_tokens, finished.usage.text_tokens, finished.usage.audio_tokens
+            cached = finished.usage.cached_tokens
         else:  # 50 codes per second of audio
             audio_ms = self.item.parts[0].audio_ms if self.item.parts else 0.0
-            prompt, text, codes = 0, self.num_text_tokens, round(audio_ms / 20)
+            prompt, text, codes, cached = 0, self.num_text_tokens, round(audio_ms / 20), 0
         clips = [q.samples for i in self.spec.context for q in i.parts if q.samples is not None]
         heard = sum(audio_token_count(len(clip)) for clip in clips)
         audio_in = min(prompt, heard)
@@ -359,7 +363,7 @@ class LiveResponse:
                 "text_tokens": prompt - audio_in,
                 "audio_tokens": audio_in,
                 "image_tokens": 0,
-                "cached_tokens": 0,
+                "cached_tokens": cached,
             },
             "output_token_details": {"text_tokens": text, "audio_tokens": codes},
         }

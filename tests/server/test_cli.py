@@ -46,6 +46,14 @@ def test_flags_land_in_the_engine_config(tiny_dir):
     assert (config.speech.torch_device(), config.speech.torch_dtype()) == (torch.device("cpu"), torch.bfloat16)
 
 
+def test_session_state_and_prefix_caching_are_on_unless_turned_off():
+    """State reuse across Realtime turns needs vLLM's prefix cache: both on by default, each with its off switch."""
+    default = engine_config(settings_from())
+    assert settings_from().session_state and default.thinker.enable_prefix_caching
+    off = settings_from("--no-session-state", "--no-enable-prefix-caching")
+    assert not off.session_state and not engine_config(off).thinker.enable_prefix_caching
+
+
 def test_unset_flags_leave_the_environment_and_defaults(monkeypatch):
     monkeypatch.setenv("OMNITALK_MAX_NUM_SEQS", "3")
     settings = settings_from("--port", "9000")
