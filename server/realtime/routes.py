@@ -224,6 +224,10 @@ class Connection:
         except ClientError:
             return  # the response will say why
         hidden = spec.audio and not spec.tools.forced
+        if hidden and settings.session_state and any(m.role != "system" for m in spec.messages):
+            # A later turn is answered from the session's state (its history from the prefix cache, its rows
+            # stored); an ingest session is salted alone and would prefill that history again.
+            return
         await self.ingestion.open(request_id, spec.messages, hidden, buffer.audio, buffer.index(buffer.start))
 
     async def _speech_started(self, audio_start_ms: int) -> None:

@@ -172,6 +172,10 @@ async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_not
         assert (await events.until("response.done"))[-1]["response"]["status"] == "cancelled"
         assert await settled(state)
 
+    # A new session: a later turn of one with session_state on is not ingested (it reuses the session's state).
+    async with raw(url) as (ws, events):
+        await send(ws, {"type": "session.update", "session": MANUAL})
+        await events.until("session.updated")
         await append(ws, speech(2.5))
         await opened(ws, events, state)
     assert await settled(state)  # the client left mid-utterance
