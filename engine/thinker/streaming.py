@@ -32,6 +32,7 @@ import torch
 
 from omnitalk.engine.request import Audio, Message, Text, ThinkerRequest
 from omnitalk.engine.thinker import rows as wire
+from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, features_audio
 from omnitalk.engine.thinker.engine import (
     ThinkerEngine,
     ThinkerInputError,
@@ -44,14 +45,13 @@ from omnitalk.engine.thinker.events import ThinkerDone, ThinkerEvent, ThinkerSta
 from omnitalk.engine.thinker.features import HOP, BlockFeatures, clamp, clip_log_mel, split_blocks
 from omnitalk.engine.thinker.prompt import PromptError, audio_feature_kwargs, audio_token_count, build_prompt
 
-AUDIO_PLACEHOLDER = "<|AUDIO|>"
-
 
 def audio_chunk(token_id: int, items: list[torch.Tensor], tail: list[int]) -> dict[str, Any]:
     """A prompt chunk of audio items, each given as features [num_mels, frames] (float32), then `tail` ids. All
     three fields are needed: vLLM's input schema for Qwen2.5-Omni audio requires the mask beside the lengths, and a
-    chunk without it fails inside the worker, which kills the EngineCore. The mask is one row per item, of that
-    item's own length, so that an item hashes the same (vLLM's prefix cache) whatever chunk it travels in."""
+    chunk without it fails inside the worker, which kills the EngineCore. The items are laid out as a session's
+    requests send them (`conversation.features_audio`), so an item hashes the same (vLLM's prefix cache) whatever
+    request or chunk it travels in."""
     if not items:
         raise ValueError("an audio chunk needs at least one item")
     for features in items:
@@ -59,12 +59,7 @@ def audio_chunk(token_id: int, items: list[torch.Tensor], tail: list[int]) -> di
             raise ValueError(f"audio features must be [num_mels, frames] float32, got {tuple(features.shape)}")
         if features.shape[0] != items[0].shape[0]:
             raise ValueError("the audio items of a chunk must have the same number of mel bins")
-    lengths = [features.shape[1] for features in items]
-    audio = {
-        "input_audio_features": torch.cat(items, dim=1) if len(items) > 1 else items[0].contiguous(),
-        "audio_feature_lengths": torch.tensor(lengths),
-        "feature_attention_mask": [torch.ones(n, dtype=torch.long) for n in lengths],
-    }
+    audio = features_audio(items)
     return {"prompt_token_ids": [token_id] * len(items) + list(tail), "multi_modal_data": {"audio": audio}}
 
 
