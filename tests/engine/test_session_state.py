@@ -122,7 +122,9 @@ async def test_images_beside_block_audio_answer_as_sent_at_once(thinker):
     thinker.forget_session(session)
 
 
-async def test_a_turn_after_an_ingested_turn_answers_as_sent_at_once(thinker):
+async def test_turns_after_an_ingested_turn_answer_as_sent_at_once(thinker):
+    """A turn answered from its ingest session (salted alone) leaves nothing in the session's state, so the next turn
+    recomputes it, exactly; the turn after that reuses the session again."""
     session = "sess-ingest"
     first = (SYSTEM, user_audio(2.6, 4))
     one = await turn(thinker, "i1", first, session)
@@ -134,10 +136,13 @@ async def test_a_turn_after_an_ingested_turn_answers_as_sent_at_once(thinker):
     second = (*history, Message("user", (Audio(samples),)))
     request = ThinkerRequest("i2", second, Sampling(max_tokens=MAX_TOKENS), hidden_states=True, session=session)
     two = answer(await drain(ingest.finish(request)))
+    assert ingest.fallback is None  # answered from the ingest session
     assert_same(two, await ask(thinker, "i2-alone", second, None))
     third = (*second, Message("assistant", (Text(two.text),)), user_audio(2.0, 6))
     three = await turn(thinker, "i3", third, session)
-    assert three.done.num_cached_tokens > len(one.prompt_ids) // 2
+    fourth = (*third, Message("assistant", (Text(three.text),)), user_audio(2.2, 7))
+    four = await turn(thinker, "i4", fourth, session)
+    assert four.done.num_cached_tokens > len(three.prompt_ids) // 2
     thinker.forget_session(session)
 
 
