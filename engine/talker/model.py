@@ -18,17 +18,19 @@ TEXT_EMBED_KEY = "thinker.model.embed_tokens.weight"
 
 @dataclass(slots=True)
 class Context:
-    """Where one forward writes and reads the KV pool; shared by every layer.
+    """Where one forward writes and reads the KV pool; shared by every layer. The new keys and values are
+    written to the pool first.
 
-    Prefill (`block_tables` None): each row's keys are its own new tokens, right-padded; the causal mask
-    keeps padding (always last) out of every real query. Decode (T = 1): each row reads its own blocks,
-    masked to its own length.
+    Prefill (`valid` given) without a cached prefix (`block_tables` None): each row's keys are its own new
+    tokens, right-padded; the causal mask keeps padding (always last) out of every real query. Otherwise (a
+    prefill with a cached prefix in the batch, or a decode step, T = 1) each row reads its blocks from the pool
+    (a cached prefix's blocks may be shared with other rows), masked by `mask`.
     """
 
     write: torch.Tensor  # [N] pool token indexes (block * block_size + offset) of the new real tokens
     valid: torch.Tensor | None = None  # prefill: [N] indexes into the flattened [B * T] of the real tokens
-    block_tables: torch.Tensor | None = None  # decode: [B, blocks] (padding points at any block: masked)
-    mask: torch.Tensor | None = None  # decode: [B, 1, 1, blocks * block_size], key within the row's length
+    block_tables: torch.Tensor | None = None  # [B, blocks] (padding points at any block: masked)
+    mask: torch.Tensor | None = None  # [B, 1, T, blocks * block_size]: which keys each query sees
 
 
 class RMSNorm(nn.Module):
@@ -61,14 +63,15 @@ class Attention(nn.Module):
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         pool_k, pool_v = kv[0], kv[1]  # [blocks, block_size, kv_heads, head_dim]
         flat_k, flat_v = pool_k.flatten(0, 1), pool_v.flatten(0, 1)
-        if ctx.block_tables is None:
+        if ctx.valid is not None:
             new_k, new_v = (t.transpose(1, 2).flatten(0, 1)[ctx.valid] for t in (k, v))
-            flat_k.index_copy_(0, ctx.write, new_k)
-            flat_v.index_copy_(0, ctx.write, new_v)
+        else:
+            new_k, new_v = k[:, :, 0], v[:, :, 0]
+        flat_k.index_copy_(0, ctx.write, new_k)
+        flat_v.index_copy_(0, ctx.write, new_v)
+        if ctx.block_tables is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5, enable_gqa=True)
         else:
-            flat_k.index_copy_(0, ctx.write, k[:, :, 0])
-            flat_v.index_copy_(0, ctx.write, v[:, :, 0])
             keys, values = (p[ctx.block_tables].flatten(1, 2).transpose(1, 2) for p in (pool_k, pool_v))
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=ctx.mask, scale=self.head_dim**-0.5, enable_gqa=True

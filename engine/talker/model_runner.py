@@ -72,23 +72,30 @@ class ModelRunner:
         return codes.tolist()
 
     def prefill(self, seqs: list[TalkerSequence]) -> torch.Tensor:
-        """Prompt + [speaker bos, g0] of each new sequence, right-padded into one forward: logits [B, V]."""
+        """Prompt + [speaker bos, g0] of each new sequence from its cached prefix on, right-padded into one
+        forward: logits [B, V]. With a cached prefix in the batch, every row attends over its blocks in the pool
+        (where its new keys are written first), masked causally from its own start."""
         embeds, positions = [], []
-        for seq in seqs:
+        starts = [seq.num_prefix_tokens for seq in seqs]
+        for seq, start in zip(seqs, starts, strict=True):
             embeds.append(self._prefill_embeds(seq))
             pos, seq.rope_delta = talker_positions(seq.positions, len(seq.prompt_ids))
-            positions.append(pos)
+            positions.append(pos[:, start:])
         lengths = [len(e) for e in embeds]
         width = max(lengths)
         embeds_t = torch.stack([F.pad(e, (0, 0, 0, width - len(e))) for e in embeds])
         positions_t = torch.stack([F.pad(p, (0, width - p.shape[1])) for p in positions], dim=1).to(self.device)
         valid = torch.cat([b * width + torch.arange(n) for b, n in enumerate(lengths)])
-        write = torch.cat([self._pool_indexes(seq, n) for seq, n in zip(seqs, lengths, strict=True)])
+        spans = zip(seqs, lengths, starts, strict=True)
+        write = torch.cat([self._pool_indexes(seq, n, start) for seq, n, start in spans])
         ctx = Context(write=write.to(self.device), valid=valid.to(self.device))
+        if any(starts):
+            ctx.block_tables = self._block_tables(seqs)
+            ctx.mask = self._prefix_mask(starts, lengths, width, ctx.block_tables.shape[1])
         hidden = self.model(embeds_t, positions_t, self.pool, ctx)
         last = hidden[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        for seq, n in zip(seqs, lengths, strict=True):
-            seq.num_cached = n
+        for seq, start, n in zip(seqs, starts, lengths, strict=True):
+            seq.num_cached = start + n
         return self.model.codec_head(last).float()
 
     def decode(self, seqs: list[TalkerSequence]) -> torch.Tensor:
@@ -110,10 +117,10 @@ class ModelRunner:
 
     def _prefill_embeds(self, seq: TalkerSequence) -> torch.Tensor:
         c, codec = self.config, self.model.model.embed_tokens.weight
-        rows, ids = seq.take_prefill()
+        rows, ids = seq.take_prefill()  # from the cached prefix on
         ids_t = torch.tensor(ids, device=self.device)
         text = self.model.text_embed(ids_t).masked_fill(torch.isin(ids_t, self._multimodal_ids)[:, None], 0)
-        x = rows.to(self.device, text.dtype) + text  # rows 0..L: prompt, then g0
+        x = rows.to(self.device, text.dtype) + text  # rows P..L: the prompt after its cached prefix, then g0
         voice = self.model.text_embed.weight[self.speakers[seq.speaker]] + codec[c.codec_pad_id]
         return torch.cat([x[:-1], voice[None], (x[-1] + codec[c.codec_bos_id])[None]])
 
@@ -126,16 +133,28 @@ class ModelRunner:
         text_ids = torch.tensor([text_id for _, text_id in taken], device=self.device)
         codes = torch.tensor([seq.codes[-1] for seq in seqs], device=self.device)
         reply = rows.to(self.device, self.model.text_embed.weight.dtype) + self.model.text_embed(text_ids)
-        blocks = max(len(seq.block_table) for seq in seqs)
-        # a short row repeats its last block: past its length the mask hides it
-        tables = torch.tensor([s.block_table + s.block_table[-1:] * (blocks - len(s.block_table)) for s in seqs])
         return DecodeInputs(
             embeds=(self.model.model.embed_tokens(codes) + reply)[:, None],
             positions=torch.tensor([seq.num_cached + seq.rope_delta for seq in seqs], device=self.device),
             write=torch.cat([self._pool_indexes(seq, 1, seq.num_cached) for seq in seqs]).to(self.device),
-            block_tables=tables.to(self.device),
+            block_tables=self._block_tables(seqs),
             context_lens=torch.tensor([seq.num_cached + 1 for seq in seqs], device=self.device),
         )
+
+    def _prefix_mask(self, starts: list[int], lengths: list[int], width: int, blocks: int) -> torch.Tensor:
+        """[B, 1, T, blocks * block_size]: query t of row b (position start_b + t) sees the keys up to its own; a
+        padded query (t >= length_b) sees all of its row's keys, so its softmax stays finite."""
+        keys = torch.arange(blocks * self.block_size)
+        first = torch.tensor(starts)[:, None, None]
+        end = first + torch.tensor(lengths)[:, None, None]
+        mask = (keys <= first + torch.arange(width)[:, None]) & (keys < end)
+        return mask[:, None].to(self.device)
+
+    def _block_tables(self, seqs: list[TalkerSequence]) -> torch.Tensor:
+        """[B, blocks] on the device; a short row repeats its last block: past its length the mask hides it."""
+        blocks = max(len(seq.block_table) for seq in seqs)
+        tables = [s.block_table + s.block_table[-1:] * (blocks - len(s.block_table)) for s in seqs]
+        return torch.tensor(tables).to(self.device)
 
     def _pool_indexes(self, seq: TalkerSequence, n: int, start: int = 0) -> torch.Tensor:
         """Pool token indexes (CPU) of cache rows start..start+n-1 of `seq`."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from omnitalk.engine.talker.block_manager import BlockManager, num_blocks_for
+from omnitalk.engine.talker.block_manager import BlockManager, block_hashes, num_blocks_for
 from omnitalk.engine.talker.model import TalkerModel
 from omnitalk.engine.talker.model_runner import ModelRunner, default_memory_gib, kv_bytes_per_token
 from omnitalk.engine.talker.positions import talker_positions
@@ -20,7 +20,8 @@ class Talker:
     """Block manager + model runner. Which sequences step when is the caller's choice (the co-scheduler).
 
     Capacity has two bounds: `max_seqs` sequences at once (the batch), and the pool's tokens, which every
-    sequence reserves for its worst case (prompt + 1 + max_tokens, at most `max_seq_len`) when added.
+    sequence reserves for its worst case (prompt + 1 + max_tokens, at most `max_seq_len`) when added, less the
+    prompt blocks a session's earlier request left cached (which it shares, and does not recompute).
     Not thread-safe: feed sequences and call `step` from one thread, or under one lock.
     """
 
@@ -42,6 +43,7 @@ class Talker:
         self.max_seqs = max_seqs
         self._free_slots = list(range(max_seqs))  # a heap
         self.last_logits: torch.Tensor | None = None  # raw codec_head logits [B, V] of the last step's seqs
+        self.num_cached_tokens = 0  # prompt positions prefills took from cached blocks instead of computing, ever
 
     @classmethod
     def from_checkpoint(
@@ -79,7 +81,8 @@ class Talker:
         return min(len(seq.prompt_ids) + 1 + seq.sampling.max_tokens, self.max_seq_len)
 
     def check(self, seq: TalkerSequence) -> None:
-        """Raises ValueError if `seq` can never be added: unknown voice, bad positions, or too long."""
+        """Raises ValueError if `seq` can never be added: unknown voice, bad positions or content keys, or too
+        long. Computes the hashes of its cacheable prompt blocks, which `can_add` and `add` match."""
         if seq.speaker not in self.speakers:
             raise ValueError(f"unknown speaker {seq.speaker!r}; available: {sorted(self.speakers)}")
         if len(seq.prompt_ids) + 2 > self.max_seq_len:
@@ -93,11 +96,15 @@ class Talker:
                 f"speech for a {len(seq.prompt_ids)}-token prompt may need {needed} tokens of talker KV cache, "
                 f"more than its whole pool of {total}: raise talker_memory_gib or lower the speech's max_tokens"
             )
-        talker_positions(seq.positions, len(seq.prompt_ids))  # fail at admission, not inside a batched step
+        positions, _ = talker_positions(seq.positions, len(seq.prompt_ids))  # fails now, not in a batched step
+        if seq.content_keys is not None and len(seq.content_keys) != len(seq.prompt_ids):
+            raise ValueError(f"{len(seq.content_keys)} content keys for a {len(seq.prompt_ids)}-token prompt")
+        if seq.session is not None and seq.content_keys is not None:
+            seq.block_hashes = block_hashes(seq.session, seq.content_keys, positions, self.blocks.block_size)
 
     def can_add(self, seq: TalkerSequence) -> bool:
-        """A slot and the pool tokens for `seq`'s worst case are free now."""
-        return bool(self._free_slots) and self.blocks.can_reserve(self.num_tokens_needed(seq))
+        """A slot and the pool tokens for `seq`'s worst case are free now (after `check`: with its cached prefix)."""
+        return bool(self._free_slots) and self.blocks.can_reserve(self.num_tokens_needed(seq), seq.block_hashes)
 
     def add(self, seq: TalkerSequence) -> None:
         """Reserves `seq`'s pool tokens and a slot; ValueError as `check`, RuntimeError when no room now."""
@@ -119,6 +126,10 @@ class Talker:
             heapq.heappush(self._free_slots, seq.slot)
             seq.slot = None
 
+    def forget(self, session: str) -> None:
+        """The session ended: its cached prompt blocks are dropped."""
+        self.blocks.forget(session)
+
     @torch.inference_mode()
     def step(self, seqs: list[TalkerSequence]) -> list[int | None]:
         """One step of every given sequence (each must be added and `ready`): the new code of each, or None
@@ -138,6 +149,9 @@ class Talker:
         for seq in decode:
             self.blocks.append(seq, seq.num_cached + 1)
         logits = [self.runner.prefill(prefill)] if prefill else []
+        for seq in prefill:
+            self.blocks.register(seq)
+            self.num_cached_tokens += seq.num_prefix_tokens
         logits += [self.runner.decode(decode)] if decode else []
         ordered = prefill + decode
         all_logits = torch.cat(logits)

@@ -26,6 +26,10 @@ class TalkerSequence:
     # The thinker's TMRoPE positions [3, L] of the prompt (ThinkerStart.positions); None: 1-D, right for text
     # and audio prompts only: an image or video prompt needs the thinker's.
     positions: torch.Tensor | None = None
+    # A Realtime session's request: the session's key and the thinker's content key of every prompt position
+    # (ThinkerStart.content_keys). With both, its full prompt blocks are cached for the session's later turns.
+    session: str | None = None
+    content_keys: tuple[bytes, ...] | None = None
     # streamed by the thinker
     tokens: list[int] = field(default_factory=list)  # generated text ids g_0, g_1, ...
     num_rows: int = 0  # hidden-state rows received: positions 0 .. num_rows - 1
@@ -36,7 +40,9 @@ class TalkerSequence:
     rope_delta: int = 0  # decode position = cache index + rope_delta
     slot: int | None = None  # its row of the talker's per-sequence state (one of max_seqs), while added
     block_table: list[int] = field(default_factory=list)  # KV pool blocks holding cache rows 0..num_cached-1
-    num_reserved_blocks: int = 0  # blocks promised at admission: its whole worst-case length
+    num_reserved_blocks: int = 0  # blocks promised at admission: its worst-case length beyond the cached prefix
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full prompt blocks (Talker.check), if cacheable
+    num_prefix_tokens: int = 0  # leading cache rows served from cached blocks, not computed by its prefill
     finish_reason: str | None = None  # "stop", "length", "abort", or "empty" (the thinker said < 2 tokens)
     # received, not yet consumed: chunks as they came, the first one read from _offset on (no copies per step)
     _rows: deque[torch.Tensor] = field(default_factory=deque, init=False, repr=False)
@@ -85,18 +91,22 @@ class TalkerSequence:
         return fed_back or (self.thinker_finished and step >= len(self.tokens) - 1)
 
     def take_prefill(self) -> tuple[torch.Tensor, list[int]]:
-        """Rows [L+1, H] of the prompt and g0, with their token ids."""
-        return self._take(len(self.prompt_ids) + 1), [*self.prompt_ids, self.tokens[0]]
+        """Rows [L+1-P, H] of the prompt from P = num_prefix_tokens on and g0, with their token ids; the first P
+        rows are dropped unread (their keys and values are cached)."""
+        start = self.num_prefix_tokens
+        self._take(start)
+        return _joined(self._take(len(self.prompt_ids) + 1 - start)), [*self.prompt_ids[start:], self.tokens[0]]
 
     def take_decode(self, text_eos: int, text_pad: int) -> tuple[torch.Tensor | None, int]:
         """The text side of decode step j: (row [H] of g_j, g_j), or (None, text_eos / text_pad) once done."""
         step = len(self.codes)
         if self.num_rows > len(self.prompt_ids) + step and len(self.tokens) > step:
-            return self._take(1)[0], self.tokens[step]
+            return self._take(1)[0][0], self.tokens[step]
         return None, text_eos if step == len(self.tokens) - 1 else text_pad
 
-    def _take(self, n: int) -> torch.Tensor:
-        """The next n rows; a chunk is dropped once read to its end, so consumed rows can be freed."""
+    def _take(self, n: int) -> list[torch.Tensor]:
+        """The next n rows, as views of the chunks they arrived in; a chunk is dropped once read to its end, so
+        consumed rows can be freed."""
         parts = []
         while n:
             chunk = self._rows[0]
@@ -107,4 +117,8 @@ class TalkerSequence:
             if self._offset == len(chunk):
                 self._rows.popleft()
                 self._offset = 0
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return parts
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
