@@ -118,6 +118,11 @@ class OmniEngine:
     def voices(self) -> list[str]:
         return self.speech.voices
 
+    def forget_session(self, session: str) -> None:
+        """The session ended: its thinker rows and its talker's cached prompt blocks are dropped."""
+        self.thinker.forget_session(session)
+        self.speech.forget_session(session)
+
     async def generate(self, request: OmniRequest, ingest: ThinkerIngest | None = None) -> AsyncIterator[OmniEvent]:
         """`ingest`: the request's last user turn, already prefilled (`ThinkerIngest.finish` answers the request
         the same way, from the session when the request is what it ingested). Closed when the stream ends; a
@@ -138,7 +143,7 @@ class OmniEngine:
         if request.speech is None:
             events = self._text_only(thinker)
         else:
-            events = self._spoken(request.request_id, thinker, request.speech)
+            events = self._spoken(request.request_id, thinker, request.speech, request.session)
         try:
             async for event in events:
                 yield event
@@ -156,14 +161,16 @@ class OmniEngine:
                 usage = Usage(event.num_prompt_tokens, event.num_generated_tokens, 0, event.num_cached_tokens)
                 yield Finished(event.finish_reason, usage)
 
-    async def _spoken(self, key: str, thinker: AsyncIterator[ThinkerEvent], speech: Speech) -> AsyncIterator[OmniEvent]:
+    async def _spoken(
+        self, key: str, thinker: AsyncIterator[ThinkerEvent], speech: Speech, session: str | None
+    ) -> AsyncIterator[OmniEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def sink(event: object) -> None:  # runs on the speech thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        feeder = asyncio.create_task(self._feed_speech(key, thinker, speech, sink))
+        feeder = asyncio.create_task(self._feed_speech(key, thinker, speech, session, sink))
         thinker_done: ThinkerDone | None = None
         speech_done: SpeechDone | None = None
         try:
@@ -189,15 +196,19 @@ class OmniEngine:
                 await feeder
             self.speech.close(key)
 
-    async def _feed_speech(self, key: str, thinker: AsyncIterator[ThinkerEvent], speech: Speech, sink) -> None:
-        """Thinker events to the speech thread (rows, tokens) and to the client (text), as they come."""
+    async def _feed_speech(
+        self, key: str, thinker: AsyncIterator[ThinkerEvent], speech: Speech, session: str | None, sink
+    ) -> None:
+        """Thinker events to the speech thread (rows, tokens) and to the client (text), as they come. A session's
+        request passes its content keys on, so the talker reuses the session's cached prompt blocks."""
         gate = _SpeechGate(speech.until)
         try:
             async for event in thinker:
                 match event:
-                    case ThinkerStart(prompt_ids, positions):
+                    case ThinkerStart(prompt_ids, positions, content_keys):
                         gate.prompt_len = len(prompt_ids)
-                        self.speech.open(key, prompt_ids, positions, speech.voice, speech.sampling, sink)
+                        args = (key, prompt_ids, positions, speech.voice, speech.sampling, sink)
+                        self.speech.open(*args, session=session, content_keys=content_keys)
                     case HiddenStates():
                         gate.pending.append(event)
                     case ThinkerText(token_ids, text):

@@ -99,7 +99,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(state.engine), media_type="text/plain; version=0.0.4")
 
     return app
 

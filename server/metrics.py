@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from omnitalk.engine.omni import OmniEngine
 
 SAMPLE_RATE = 24_000
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
@@ -65,6 +71,9 @@ class Metrics:
             registry=r,
         )  # fmt: skip
 
+        self.engine_counters = EngineCounters()
+        r.register(self.engine_counters)
+
     def ingested(self, fallback: str | None, prefilled_blocks: int) -> None:
         """An ingested turn was answered: from its session (fallback None) or sent at once."""
         self.ingested_turns.labels("fallback" if fallback else "session").inc()
@@ -73,8 +82,23 @@ class Metrics:
         else:
             self.ingest_fallbacks.labels(fallback).inc()
 
-    def render(self) -> bytes:
+    def render(self, engine: OmniEngine | None = None) -> bytes:
+        self.engine_counters.engine = engine
         return generate_latest(self.registry)
+
+
+class EngineCounters:
+    """Counters the engine keeps itself, read at each scrape."""
+
+    def __init__(self) -> None:
+        self.engine: OmniEngine | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.engine is not None:
+            yield CounterMetricFamily(
+                "omnitalk:talker_cached_tokens", "Prompt positions the talker took from a Realtime session's cached "
+                "prompt blocks instead of computing them", value=self.engine.speech.talker.num_cached_tokens,
+            )  # fmt: skip
 
 
 @dataclass(slots=True)

@@ -75,7 +75,7 @@ class _Stream:
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    name: str  # "open", "rows", "tokens", "thinker_done", "close", "reset_stats", "stop"
+    name: str  # "open", "rows", "tokens", "thinker_done", "close", "forget", "reset_stats", "stop"
     key: str = ""
     args: tuple = ()
 
@@ -147,13 +147,16 @@ class SpeechEngine:
         voice: str,
         sampling: TalkerSampling,
         sink: Sink,
+        session: str | None = None,
+        content_keys: tuple[bytes, ...] | None = None,
     ) -> None:
-        """Starts a stream; raises ValueError for an unknown voice. Audio noise is seeded like the talker."""
+        """Starts a stream; raises ValueError for an unknown voice. Audio noise is seeded like the talker. With a
+        session and its prompt's content keys, the talker reuses (and caches) the session's prompt blocks."""
         if not self._thread.is_alive():
             raise EngineFailure("the speech thread is not running")
         if voice not in self.talker.speakers:
             raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices)}")
-        seq = TalkerSequence(key, list(prompt_ids), speaker=voice, sampling=sampling, positions=positions)
+        seq = TalkerSequence(key, list(prompt_ids), voice, sampling, positions, session, content_keys)
         audio = self.code2wav.new_stream(voice, seed=sampling.seed or 0)
         self._send("open", key, _Stream(seq, audio, PlaybackClock(self._now()), sink))
 
@@ -169,6 +172,10 @@ class SpeechEngine:
     def close(self, key: str) -> None:
         """Idempotent: frees the stream's talker slot and drops its audio, finished or not."""
         self._send("close", key)
+
+    def forget_session(self, session: str) -> None:
+        """The session ended: the talker drops its cached prompt blocks."""
+        self._send("forget", session)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -237,6 +244,9 @@ class SpeechEngine:
         if command.name == "reset_stats":
             self._stats, self._talker_wait_from = SpeechStats(), None
             self.code2wav.dit_calls = 0
+            return
+        if command.name == "forget":
+            self.talker.forget(command.key)
             return
         if command.name == "open":
             self._streams[command.key] = stream = command.args[0]

@@ -153,7 +153,8 @@ class ThinkerEngine:
             while True:
                 attempt = dataclasses.replace(request, request_id=key)
                 submitted, covered = await self._submit(attempt, prompt, queue, session, recorder)
-                producer = asyncio.create_task(self._pump(attempt, submitted, queue, covered))
+                keys = tuple(recorder.keys) if recorder is not None else None
+                producer = asyncio.create_task(self._pump(attempt, submitted, queue, covered, keys))
                 try:
                     async for event in _ordered(queue, request.hidden_states):
                         done = isinstance(event, ThinkerDone)
@@ -244,9 +245,12 @@ class ThinkerEngine:
         """The session ended: its rows are dropped."""
         self.sessions.forget(session)
 
-    async def _pump(self, request: ThinkerRequest, prompt, queue: asyncio.Queue, covered: int | None) -> None:
+    async def _pump(
+        self, request: ThinkerRequest, prompt, queue: asyncio.Queue, covered: int | None, keys: tuple[bytes, ...] | None
+    ) -> None:
         """`covered`: the leading positions whose rows are in the stream already; vLLM reporting more cached
-        positions than that ends the stream with _Uncovered (before anything is announced)."""
+        positions than that ends the stream with _Uncovered (before anything is announced). `keys`: the prompt's
+        content keys (a session's request), announced in ThinkerStart."""
         params = _sampling_params(request)
         generated = 0
         cached = 0
@@ -258,7 +262,7 @@ class ThinkerEngine:
                     if covered is not None and cached > covered:
                         _fail(queue, _Uncovered())
                         return
-                    queue.put_nowait(ThinkerStart(list(output.prompt_token_ids or ())))
+                    queue.put_nowait(ThinkerStart(list(output.prompt_token_ids or ()), content_keys=keys))
                     started = True
                 completion = output.outputs[0]
                 generated += len(completion.token_ids)
@@ -368,7 +372,7 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
         # A streaming-input request's positions come again with every chunk: wait for the whole prompt's.
         covered = positions is not None and start is not None and positions.shape[1] == len(start.prompt_token_ids)
         if not announced and start is not None and (covered or not with_rows):
-            yield ThinkerStart(start.prompt_token_ids, positions)
+            yield dataclasses.replace(start, positions=positions)
             announced = True
         if announced:
             for item in held:

@@ -13,6 +13,9 @@ class ThinkerStart:
     # The TMRoPE positions [3, L] the thinker gave the prompt (requests with hidden states only); the
     # talker's own positions continue from them.
     positions: torch.Tensor | None = None
+    # A session request's content key of every prompt position (conversation.content_keys): equal keys, equal
+    # prefixes. The talker caches a session's prompt blocks under them. None for requests outside a session.
+    content_keys: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

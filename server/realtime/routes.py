@@ -75,8 +75,8 @@ class Connection:
                 task.cancel()
             await asyncio.gather(*self.transcriptions, return_exceptions=True)
             await self.ingestion.close()
-            if self.state.engine is not None:  # the session's stored thinker rows go with it
-                self.state.engine.thinker.forget_session(self.session.id)
+            if self.state.engine is not None:  # the session's stored thinker rows and talker blocks go with it
+                self.state.engine.forget_session(self.session.id)
         code = CLOSE_TOO_SLOW if self.outbox.overflowed else None
         if expired or self.idle:
             await self._end(expired)
