@@ -114,11 +114,15 @@ class BlockManager:
 
     def register(self, seq: TalkerSequence) -> None:
         """After `seq`'s prefill: its full prompt blocks become reusable under their hashes (a hash another
-        sequence registered first keeps that one's block)."""
+        sequence registered first keeps that one's block). A block whose predecessor is no longer registered (its
+        session was forgotten) could never be matched, so none from there on is."""
         if seq.session is None:
             return
         start = seq.num_prefix_tokens // self.block_size
-        for h, block in zip(seq.block_hashes[start:], seq.block_table[start:], strict=False):
+        for i in range(start, len(seq.block_hashes)):
+            h, block = seq.block_hashes[i], seq.block_table[i]
+            if i and seq.block_hashes[i - 1] not in self._block_of:
+                return
             if h not in self._block_of:
                 self._block_of[h] = block
                 self._hash_of[block] = (h, seq.session)

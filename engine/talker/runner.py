@@ -99,7 +99,7 @@ class Talker:
         positions, _ = talker_positions(seq.positions, len(seq.prompt_ids))  # fails now, not in a batched step
         if seq.content_keys is not None and len(seq.content_keys) != len(seq.prompt_ids):
             raise ValueError(f"{len(seq.content_keys)} content keys for a {len(seq.prompt_ids)}-token prompt")
-        if seq.session is not None and seq.content_keys is not None:
+        if seq.session is not None and seq.content_keys is not None and not seq.block_hashes:
             seq.block_hashes = block_hashes(seq.session, seq.content_keys, positions, self.blocks.block_size)
 
     def can_add(self, seq: TalkerSequence) -> bool:
