@@ -1,0 +1,66 @@
+"""A Realtime session's later turns take the talker's prompt blocks of its earlier turns from the pool (counted in
+`omnitalk:talker_cached_tokens`), the blocks go when it ends, and with `session_state` off nothing is cached.
+(Parity of the speech itself: tests/engine/test_talker_session.py, greedy; Realtime's talker samples.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+from live import live_server, settled
+from realtime_client import chunks, raw, speech
+
+MANUAL = {"type": "realtime", "temperature": 0.0, "max_output_tokens": 8, "audio": {"input": {"turn_detection": None}}}
+METRIC = "omnitalk:talker_cached_tokens_total"
+
+
+async def send(ws, event: dict) -> None:
+    await ws.send(json.dumps(event))
+
+
+async def session(url: str, talker) -> list[int]:
+    """Three manual turns; the talker's cached tokens after each answer."""
+    cached = []
+    async with raw(url) as (ws, events):
+        await send(ws, {"type": "session.update", "session": MANUAL})
+        await events.until("session.updated")
+        for k, seconds in enumerate((5.0, 2.5, 3.0)):
+            for chunk in chunks(speech(seconds) * (0.9 - 0.2 * k)):
+                await send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+            await send(ws, {"type": "input_audio_buffer.commit"})
+            await events.until("conversation.item.done")
+            await send(ws, {"type": "response.create"})
+            response = (await events.until("response.done"))[-1]["response"]
+            assert response["status"] == "completed" and response["usage"]["output_token_details"]["audio_tokens"]
+            cached.append(talker.num_cached_tokens)
+    return cached
+
+
+async def scraped(url: str) -> float:
+    async with httpx.AsyncClient(base_url=url) as http:
+        lines = (await http.get("/metrics")).text.splitlines()
+    return float(next(line.split()[-1] for line in lines if line.startswith(METRIC + " ")))
+
+
+async def blocks_settle_at(talker, count: int) -> bool:
+    for _ in range(100):
+        if talker.blocks.num_cached_blocks == count:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_later_turns_reuse_the_talkers_blocks_which_go_with_the_session(omni, settings):
+    talker = omni.speech.talker
+    on = settings.model_copy(update={"ingest_audio": False})
+    blocks_before, start = talker.blocks.num_cached_blocks, talker.num_cached_tokens
+    async with live_server(omni, on) as (url, state):
+        cached = await session(url, talker)
+        assert cached[0] == start < cached[1] < cached[2]
+        assert await scraped(url) == talker.num_cached_tokens
+        assert await settled(state) and await blocks_settle_at(talker, blocks_before)
+    off = on.model_copy(update={"session_state": False})
+    async with live_server(omni, off) as (off_url, _):
+        cached_off = await session(off_url, talker)
+    assert cached_off == [cached[2]] * 3 and talker.blocks.num_cached_blocks == blocks_before
