@@ -32,7 +32,7 @@ async def session(url: str, talker) -> list[int]:
             await events.until("conversation.item.done")
             await send(ws, {"type": "response.create"})
             response = (await events.until("response.done"))[-1]["response"]
-            assert response["status"] == "completed" and response["usage"]["output_token_details"]["audio_tokens"]
+            assert response["usage"]["output_token_details"]["audio_tokens"] > 0
             cached.append(talker.num_cached_tokens)
     return cached
 
