@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -94,31 +95,31 @@ class TalkerSequence:
         """Rows [L+1-P, H] of the prompt from P = num_prefix_tokens on and g0, with their token ids; the first P
         rows are dropped unread (their keys and values are cached)."""
         start = self.num_prefix_tokens
-        self._take(start)
-        return _joined(self._take(len(self.prompt_ids) + 1 - start)), [*self.prompt_ids[start:], self.tokens[0]]
+        for _ in self._read(start):
+            pass
+        return self._take(len(self.prompt_ids) + 1 - start), [*self.prompt_ids[start:], self.tokens[0]]
 
     def take_decode(self, text_eos: int, text_pad: int) -> tuple[torch.Tensor | None, int]:
         """The text side of decode step j: (row [H] of g_j, g_j), or (None, text_eos / text_pad) once done."""
         step = len(self.codes)
         if self.num_rows > len(self.prompt_ids) + step and len(self.tokens) > step:
-            return self._take(1)[0][0], self.tokens[step]
+            return self._take(1)[0], self.tokens[step]
         return None, text_eos if step == len(self.tokens) - 1 else text_pad
 
-    def _take(self, n: int) -> list[torch.Tensor]:
+    def _take(self, n: int) -> torch.Tensor:
+        """The next n rows (n >= 1)."""
+        parts = list(self._read(n))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _read(self, n: int) -> Iterator[torch.Tensor]:
         """The next n rows, as views of the chunks they arrived in; a chunk is dropped once read to its end, so
         consumed rows can be freed."""
-        parts = []
         while n:
             chunk = self._rows[0]
             part = chunk[self._offset : self._offset + n]
-            parts.append(part)
             n -= len(part)
             self._offset += len(part)
             if self._offset == len(chunk):
                 self._rows.popleft()
                 self._offset = 0
-        return parts
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+            yield part
