@@ -73,8 +73,12 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5, enable_gqa=True)
         else:
             keys, values = (p[ctx.block_tables].flatten(1, 2).transpose(1, 2) for p in (pool_k, pool_v))
+            if length > 1:
+                # A prefill over cached blocks: with a mask, only the math kernel takes grouped heads, and it holds
+                # every score ([B, heads, T, keys] in fp32); with the heads repeated, the memory-efficient one can.
+                keys, values = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (keys, values))
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=ctx.mask, scale=self.head_dim**-0.5, enable_gqa=True
+                q, keys, values, attn_mask=ctx.mask, scale=self.head_dim**-0.5, enable_gqa=length == 1
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
