@@ -156,7 +156,9 @@ class SpeechEngine:
             raise EngineFailure("the speech thread is not running")
         if voice not in self.talker.speakers:
             raise ValueError(f"unknown voice {voice!r}; available: {', '.join(self.voices)}")
-        seq = TalkerSequence(key, list(prompt_ids), voice, sampling, positions, session, content_keys)
+        seq = TalkerSequence(
+            key, list(prompt_ids), voice, sampling, positions, session=session, content_keys=content_keys
+        )
         audio = self.code2wav.new_stream(voice, seed=sampling.seed or 0)
         self._send("open", key, _Stream(seq, audio, PlaybackClock(self._now()), sink))
 
