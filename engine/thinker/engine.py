@@ -23,12 +23,12 @@ from omnitalk.engine.thinker.conversation import (
     AUDIO_PLACEHOLDER,
     Recorder,
     SessionStates,
-    content_keys,
     session_prompt,
 )
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.prompt import PromptError, build_prompt
 from omnitalk.engine.thinker.receiver import Decoded, RowReceiver
+from omnitalk.engine.thinker.session_request import keys_of, processed, put_covered
 
 log = logging.getLogger(__name__)
 WORKER_CLS = "omnitalk.engine.thinker.tap.HiddenStateWorker"
@@ -218,20 +218,13 @@ class ThinkerEngine:
             return prompt, None
         if session is None:
             return {**prompt, "cache_salt": request.request_id}, None  # cached positions would have no rows
-        processor = self.llm.input_processor
         try:
-            tasks = await self.llm.get_supported_tasks()
-            params = _sampling_params(request)
-            core = await processor.process_inputs_async(
-                request.request_id, {**prompt, "cache_salt": session}, params, supported_tasks=tasks
-            )
+            salted = {**prompt, "cache_salt": session}
+            core = await processed(self.llm, request.request_id, salted, _sampling_params(request))
         except Exception as error:
             raise _classify(error) from error
-        keys = content_keys(list(core.prompt_token_ids or ()), core.mm_features)
-        stored = self.sessions.get(session)
-        covered = stored.covered(keys) if stored is not None else 0
-        if covered:
-            queue.put_nowait(HiddenStates(0, stored.rows[:covered]))
+        keys = keys_of(core)
+        covered = put_covered(self.sessions.get(session), keys, queue)
         assert recorder is not None
         recorder.keys = keys
         return core, covered
@@ -368,7 +361,7 @@ async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[Think
         # A streaming-input request's positions come again with every chunk: wait for the whole prompt's.
         covered = positions is not None and start is not None and positions.shape[1] == len(start.prompt_token_ids)
         if not announced and start is not None and (covered or not with_rows):
-            yield ThinkerStart(start.prompt_token_ids, positions)
+            yield dataclasses.replace(start, positions=positions)
             announced = True
         if announced:
             for item in held:

@@ -13,6 +13,8 @@ class ThinkerStart:
     # The TMRoPE positions [3, L] the thinker gave the prompt (requests with hidden states only); the
     # talker's own positions continue from them.
     positions: torch.Tensor | None = None
+    # A session request's content keys of the prompt's positions, in order (conversation.content_keys), else None.
+    content_keys: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

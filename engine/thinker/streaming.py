@@ -30,9 +30,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from omnitalk.engine.request import Audio, Message, Text, ThinkerRequest
-from omnitalk.engine.thinker import rows as wire
-from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, features_audio
+from omnitalk.engine.request import Audio, Message, ThinkerRequest
+from omnitalk.engine.thinker.chunks import audio_chunk, prefill_params, same_messages
+from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, Recorder, SessionRows, session_prompt
 from omnitalk.engine.thinker.engine import (
     ThinkerEngine,
     ThinkerInputError,
@@ -40,57 +40,14 @@ from omnitalk.engine.thinker.engine import (
     _fail,
     _ordered,
     _sampling_params,
+    _with_the_rest,
 )
-from omnitalk.engine.thinker.events import ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
+from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.features import HOP, BlockFeatures, clamp, clip_log_mel, split_blocks
 from omnitalk.engine.thinker.prompt import PromptError, audio_feature_kwargs, audio_token_count, build_prompt
+from omnitalk.engine.thinker.session_request import keys_of, processed, put_covered
 
-
-def audio_chunk(token_id: int, items: list[torch.Tensor], tail: list[int]) -> dict[str, Any]:
-    """A prompt chunk of audio items, each given as features [num_mels, frames] (float32), then `tail` ids. All
-    three fields are needed: vLLM's input schema for Qwen2.5-Omni audio requires the mask beside the lengths, and a
-    chunk without it fails inside the worker, which kills the EngineCore. The items are laid out as a session's
-    requests send them (`conversation.features_audio`), so an item hashes the same (vLLM's prefix cache) whatever
-    request or chunk it travels in."""
-    if not items:
-        raise ValueError("an audio chunk needs at least one item")
-    for features in items:
-        if features.ndim != 2 or features.dtype != torch.float32 or features.shape[1] == 0:
-            raise ValueError(f"audio features must be [num_mels, frames] float32, got {tuple(features.shape)}")
-        if features.shape[0] != items[0].shape[0]:
-            raise ValueError("the audio items of a chunk must have the same number of mel bins")
-    audio = features_audio(items)
-    return {"prompt_token_ids": [token_id] * len(items) + list(tail), "multi_modal_data": {"audio": audio}}
-
-
-def prefill_params(tap: str | None):
-    """An intermediate chunk's sampling: greedy, one token (vLLM discards it), the tap on when rows are wanted."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    extra = {wire.TAP_KEY: tap} if tap is not None else None
-    return SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.DELTA, extra_args=extra)
-
-
-def same_messages(a: tuple[Message, ...], b: tuple[Message, ...]) -> bool:
-    """Equal conversations: audio by its samples, images and videos by identity (they are the session's own)."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if x.role != y.role or len(x.content) != len(y.content):
-            return False
-        for p, q in zip(x.content, y.content, strict=True):
-            if type(p) is not type(q):
-                return False
-            if isinstance(p, Audio):
-                if not np.array_equal(p.samples, q.samples):
-                    return False
-            elif isinstance(p, Text):
-                if p != q:
-                    return False
-            elif p is not q:
-                return False
-    return True
+__all__ = ["AUDIO_PLACEHOLDER", "IngestListener", "ThinkerIngest", "audio_chunk", "prefill_params"]
 
 
 class IngestListener(Protocol):
@@ -115,6 +72,12 @@ class _Session:
     sent: int = 0  # blocks sent, those in flight included
     done: int = 0  # blocks whose chunk vLLM reported prefilled
     final_sent: bool = False
+    # A session-salted ingest's content keys of every position sent so far (None: salted alone, nothing recorded),
+    # the leading positions whose rows the stream holds already, and what vLLM served from its cache.
+    keys: list[bytes] | None = None
+    head_length: int = 0
+    covered: int = 0
+    cached: int = 0
 
 
 class ThinkerIngest:
@@ -126,8 +89,12 @@ class ThinkerIngest:
     """
 
     def __init__(self, engine: ThinkerEngine, request_id: str, history: tuple[Message, ...], *,
-                 hidden_states: bool, listener: IngestListener | None = None):  # fmt: skip
+                 hidden_states: bool, listener: IngestListener | None = None, session: str | None = None):  # fmt: skip
         self._engine = engine
+        # `session`: the Realtime session whose state the turn reuses and extends (`ThinkerRequest.session`); its
+        # salt, its stored rows in front, its content keys recorded, its rows stored at the answer's end.
+        self._salt = session if hidden_states else None
+        self._head_rows: SessionRows | None = None  # a replaced session's rows of the head, for the next one
         self.request_id = request_id
         self._history = history
         self._hidden = hidden_states
@@ -143,6 +110,7 @@ class ThinkerIngest:
         self._progress = asyncio.Condition()
         self._closed = False
         self._finishing = False
+        self._uncovered = False
         self.restarts = 0  # sessions replaced because a later block moved the clamp
         self.fallback: str | None = None  # why `finish` answered the conversation sent at once; None: it did not
 
@@ -198,19 +166,24 @@ class ThinkerIngest:
             head["mm_processor_kwargs"] = {"use_audio_in_video": False}
             if audios:
                 head["mm_processor_kwargs"] |= audio_feature_kwargs([samples for samples, _ in audios])
+        if self._salt is not None:  # earlier clips as the session's requests send them (the same vLLM items)
+            head = session_prompt(head, self._engine.sessions.clip_items(self._salt), self._audio_token)
         return head, tail
 
     def _open_session(self) -> None:
         """Submits a new session: the head, then (as soon as it is prefilled) every complete block so far."""
         engine = self._engine
         session = _Session(self._key(self.restarts), asyncio.Queue(maxsize=2 * engine.max_model_len + 4))
+        session.keys = [] if self._salt is not None else None
         engine._streams[session.key] = session.queue
         if self._hidden:
             engine._tapped.add(session.key)
             engine._ensure_receiver()
         self._session = session
-        # Its own salt: positions cached from an aborted session would never be recomputed, so have no rows.
-        self._send(session, {**self._head, "cache_salt": session.key}, blocks=0)
+        # Salted alone, each session has its own salt: positions cached from an aborted session would never be
+        # recomputed, so have no rows. Salted by the Realtime session, the cache serves what the session's stored
+        # rows (or a replaced session's, `_restart`) cover; more is an uncovered hit (`_run`).
+        self._send(session, {**self._head, "cache_salt": self._salt or session.key}, blocks=0)
         session.pump = asyncio.create_task(self._run(session))
 
     def push_audio(self, samples: np.ndarray) -> None:
@@ -228,6 +201,10 @@ class ThinkerIngest:
             self._send_blocks()
 
     def _restart(self, old: _Session) -> None:
+        if old.keys is not None:  # the cache now holds the head under the session's salt: keep its rows
+            rows = _leading_rows(old.queue, len(self._head_keys(old)))
+            if rows is not None and len(rows) > old.covered:
+                self._head_rows = SessionRows(self._head_keys(old)[: len(rows)], rows)
         self.restarts += 1
         self._end_session(old)
         self._open_session()
@@ -277,19 +254,33 @@ class ThinkerIngest:
             return
         session = self._session
         assert session is not None
-        self._send_last(session, split_blocks(clamp(log_spec, maximum)), request)
+        items = split_blocks(clamp(log_spec, maximum))
+        self._send_last(session, items, request)
+        recorder = None
+        if session.keys is not None:
+            recorder = Recorder()
+            # Later turns send this clip as the very items sent here (those sent earlier are equal: no clamp moved).
+            self._engine.sessions.clip_items(self._salt).put(request.messages[-1].content[0].samples, items)
         try:
             async for event in _ordered(session.queue, self._hidden):
+                if recorder is not None:
+                    recorder.add(event)
+                    if isinstance(event, ThinkerDone):
+                        recorder.keys = session.keys or []
+                        recorder.store(self._engine.sessions, self._salt)
                 yield event
         finally:
             await self.close()
 
     def _fallback(self, request: ThinkerRequest, frames: int, maximum: float) -> str | None:
         session = self._session
+        if self._uncovered:
+            return "the cache served more than the session's rows cover"
         if self._closed or session is None or session.pump is None or session.pump.done():
             return "the session ended before the turn"
         turn = Message("user", (Audio(self._blocks.samples),))
         same = request.hidden_states == self._hidden and not request.use_audio_in_video
+        same = same and self._engine._session_of(request) == self._salt
         if not same or not same_messages(request.messages, (*self._history, turn)):
             return "the conversation is not the one ingested"
         if request.sampling.stop:
@@ -311,31 +302,51 @@ class ThinkerIngest:
         self._send(session, prompt, blocks=0, sampling=_sampling_params(tapped))
         session.inputs.put_nowait(None)
 
-    @staticmethod
-    async def _chunks(session: _Session):
+    def _head_keys(self, session: _Session) -> list[bytes]:
+        return (session.keys or [])[: session.head_length]
+
+    async def _chunks(self, session: _Session):
+        """The session's chunks as they are sent; a session-salted one's are processed first (as `_submit` does)
+        for their content keys, and the head's covered rows go into the stream before vLLM sees it."""
         while (item := await session.inputs.get()) is not None:
+            if session.keys is not None:
+                core = await processed(self._engine.llm, session.key, item.prompt, prefill_params(None))
+                first = not session.keys
+                session.keys = keys_of(core, session.keys)
+                if first:
+                    session.head_length = len(session.keys)
+                    stored = self._head_rows or self._engine.sessions.get(self._salt)
+                    session.covered = put_covered(stored, session.keys, session.queue)
             yield item
 
     async def _run(self, session: _Session) -> None:
         queue = session.queue
         generated = 0
         started = False
+        first = True
         try:
             params = prefill_params(session.key if self._hidden else None)
             async for output in self._engine.llm.generate(self._chunks(session), params, session.key):
                 completion = output.outputs[0]
+                if first:
+                    first, session.cached = False, output.num_cached_tokens or 0
+                    if session.keys is not None and session.cached > session.covered:
+                        self._uncovered = True  # positions cached with no row anywhere: `finish` falls back
+                        return
                 if not session.final_sent:
                     if completion.finish_reason is not None:  # an intermediate chunk is prefilled
                         await self._chunk_done(session)
                     continue
                 if not started:
-                    queue.put_nowait(ThinkerStart(list(output.prompt_token_ids or ())))
+                    ids = list(output.prompt_token_ids or ())
+                    keys = tuple(session.keys) if session.keys is not None and len(session.keys) == len(ids) else None
+                    queue.put_nowait(ThinkerStart(ids, content_keys=keys))
                     started = True
                 generated += len(completion.token_ids)
                 queue.put_nowait(ThinkerText(list(completion.token_ids), completion.text))
                 if completion.finish_reason is not None:
                     prompt_len = len(output.prompt_token_ids or ())
-                    queue.put_nowait(ThinkerDone(completion.finish_reason, prompt_len, generated))
+                    queue.put_nowait(ThinkerDone(completion.finish_reason, prompt_len, generated, session.cached))
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -380,3 +391,18 @@ class ThinkerIngest:
         if self._session is not None:
             self._end_session(self._session)
         await asyncio.gather(*list(self._ending), return_exceptions=True)
+
+
+def _leading_rows(queue: asyncio.Queue, limit: int) -> torch.Tensor | None:
+    """The rows a dropped session's stream holds for positions 0 onwards, without a gap, at most `limit` (one
+    copy: they are views of ZMQ frames); None if it holds none from position 0."""
+    rows: list[torch.Tensor] = []
+    end = 0
+    items = _with_the_rest(queue.get_nowait(), queue) if not queue.empty() else []
+    for item in items:
+        if isinstance(item, HiddenStates) and item.first_position <= end < item.first_position + len(item.rows):
+            rows.append(item.rows[end - item.first_position : limit - item.first_position])
+            end = min(item.first_position + len(item.rows), limit)
+        if end >= limit:
+            break
+    return torch.cat(rows) if rows else None
