@@ -1,5 +1,5 @@
-"""The pieces of a streaming-input request: an audio chunk of block items, an intermediate chunk's sampling, and
-whether a request's conversation is the one a turn ingested."""
+"""The pieces of a streaming-input request: the head and tail of a turn's prompt, an audio chunk of block items, an
+intermediate chunk's sampling, and whether a request's conversation is the one a turn ingested."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import torch
 
 from omnitalk.engine.request import Audio, Message, Text
 from omnitalk.engine.thinker import rows as wire
-from omnitalk.engine.thinker.conversation import BLOCK_ITEM_KWARGS, features_audio
+from omnitalk.engine.thinker.conversation import (
+    AUDIO_PLACEHOLDER,
+    BLOCK_ITEM_KWARGS,
+    ClipItems,
+    features_audio,
+    session_prompt,
+)
+from omnitalk.engine.thinker.prompt import audio_feature_kwargs, build_prompt
 
 
 def audio_chunk(token_id: int, items: list[torch.Tensor], tail: list[int]) -> dict[str, Any]:
@@ -62,3 +69,32 @@ def same_messages(a: tuple[Message, ...], b: tuple[Message, ...]) -> bool:
             elif p is not q:
                 return False
     return True
+
+
+def turn_prompt(history: tuple[Message, ...], tokenizer: Any, audio_token: int, clips: ClipItems | None):
+    """The conversation `history` plus a user turn of audio, as (the head prompt, cut after the new turn's
+    `<|audio_bos|>`; the ids after its `<|AUDIO|>`). `clips`: a session's clip items, which earlier clips are sent
+    as (the items its requests send); None: as samples."""
+    turn = Message("user", (Audio(np.zeros(1, np.float32)),))
+    prompt = build_prompt((*history, turn), tokenizer, use_audio_in_video=False)
+    if "prompt" in prompt:
+        text = prompt["prompt"]
+        cut = text.rindex(AUDIO_PLACEHOLDER)
+        head: dict[str, Any] = {"prompt": text[:cut]}
+        tail = tokenizer.encode(text[cut + len(AUDIO_PLACEHOLDER) :], add_special_tokens=False)
+    else:
+        ids = prompt["prompt_token_ids"]
+        cut = len(ids) - 1 - ids[::-1].index(audio_token)
+        head, tail = {"prompt_token_ids": ids[:cut]}, ids[cut + 1 :]
+    audios = prompt["multi_modal_data"]["audio"][:-1]
+    media = {k: v for k, v in prompt["multi_modal_data"].items() if k != "audio"}
+    if audios:
+        media["audio"] = audios
+    if media:
+        head["multi_modal_data"] = media
+        head["mm_processor_kwargs"] = {"use_audio_in_video": False}
+        if audios:
+            head["mm_processor_kwargs"] |= audio_feature_kwargs([samples for samples, _ in audios])
+    if clips is not None:
+        head = session_prompt(head, clips, audio_token)
+    return head, tail

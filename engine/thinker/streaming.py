@@ -31,20 +31,18 @@ import numpy as np
 import torch
 
 from omnitalk.engine.request import Audio, Message, ThinkerRequest
-from omnitalk.engine.thinker.chunks import audio_chunk, prefill_params, same_messages
-from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, Recorder, SessionRows, session_prompt
+from omnitalk.engine.thinker.chunks import audio_chunk, prefill_params, same_messages, turn_prompt
+from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, Recorder, SessionRows
 from omnitalk.engine.thinker.engine import (
     ThinkerEngine,
     ThinkerInputError,
     _classify,
-    _fail,
-    _ordered,
     _sampling_params,
-    _with_the_rest,
 )
-from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
+from omnitalk.engine.thinker.events import ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.features import HOP, BlockFeatures, clamp, clip_log_mel, split_blocks
-from omnitalk.engine.thinker.prompt import PromptError, audio_feature_kwargs, audio_token_count, build_prompt
+from omnitalk.engine.thinker.ordering import fail, leading_rows, ordered
+from omnitalk.engine.thinker.prompt import PromptError, audio_token_count
 from omnitalk.engine.thinker.session_request import keys_of, processed, put_covered
 
 __all__ = ["AUDIO_PLACEHOLDER", "IngestListener", "ThinkerIngest", "audio_chunk", "prefill_params"]
@@ -135,40 +133,15 @@ class ThinkerIngest:
         if any(key.startswith(prefix) for key in self._engine._streams):
             raise ThinkerInputError(f"request id {self.request_id!r} is already running")
         try:
-            self._head, self._tail = await asyncio.to_thread(self._split_prompt)
+            clips = self._engine.sessions.clip_items(self._salt) if self._salt is not None else None
+            self._head, self._tail = await asyncio.to_thread(
+                turn_prompt, self._history, self._engine.tokenizer, self._audio_token, clips
+            )
         except PromptError as error:
             await self.close()
             raise ThinkerInputError(str(error)) from error
         if not self._closed:
             self._open_session()
-
-    def _split_prompt(self) -> tuple[dict[str, Any], list[int]]:
-        """The conversation with a placeholder audio as the new turn, as (the head prompt, cut after the new
-        turn's `<|audio_bos|>`; the ids after its `<|AUDIO|>`)."""
-        turn = Message("user", (Audio(np.zeros(1, np.float32)),))
-        prompt = build_prompt((*self._history, turn), self._engine.tokenizer, use_audio_in_video=False)
-        encode = self._engine.tokenizer.encode
-        if "prompt" in prompt:
-            text = prompt["prompt"]
-            cut = text.rindex(AUDIO_PLACEHOLDER)
-            head: dict[str, Any] = {"prompt": text[:cut]}
-            tail = encode(text[cut + len(AUDIO_PLACEHOLDER) :], add_special_tokens=False)
-        else:
-            ids = prompt["prompt_token_ids"]
-            cut = len(ids) - 1 - ids[::-1].index(self._audio_token)
-            head, tail = {"prompt_token_ids": ids[:cut]}, ids[cut + 1 :]
-        audios = prompt["multi_modal_data"]["audio"][:-1]
-        media = {k: v for k, v in prompt["multi_modal_data"].items() if k != "audio"}
-        if audios:
-            media["audio"] = audios
-        if media:
-            head["multi_modal_data"] = media
-            head["mm_processor_kwargs"] = {"use_audio_in_video": False}
-            if audios:
-                head["mm_processor_kwargs"] |= audio_feature_kwargs([samples for samples, _ in audios])
-        if self._salt is not None:  # earlier clips as the session's requests send them (the same vLLM items)
-            head = session_prompt(head, self._engine.sessions.clip_items(self._salt), self._audio_token)
-        return head, tail
 
     def _open_session(self) -> None:
         """Submits a new session: the head, then (as soon as it is prefilled) every complete block so far."""
@@ -202,7 +175,7 @@ class ThinkerIngest:
 
     def _restart(self, old: _Session) -> None:
         if old.keys is not None:  # the cache now holds the head under the session's salt: keep its rows
-            rows = _leading_rows(old.queue, len(self._head_keys(old)))
+            rows = leading_rows(old.queue, len(self._head_keys(old)))
             if rows is not None and len(rows) > old.covered:
                 self._head_rows = SessionRows(self._head_keys(old)[: len(rows)], rows)
         self.restarts += 1
@@ -262,7 +235,7 @@ class ThinkerIngest:
             # Later turns send this clip as the very items sent here (those sent earlier are equal: no clamp moved).
             self._engine.sessions.clip_items(self._salt).put(request.messages[-1].content[0].samples, items)
         try:
-            async for event in _ordered(session.queue, self._hidden):
+            async for event in ordered(session.queue, self._hidden):
                 if recorder is not None:
                     recorder.add(event)
                     if isinstance(event, ThinkerDone):
@@ -350,7 +323,7 @@ class ThinkerIngest:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            _fail(queue, _classify(error))
+            fail(queue, _classify(error))
         finally:
             async with self._progress:
                 self._progress.notify_all()
@@ -391,18 +364,3 @@ class ThinkerIngest:
         if self._session is not None:
             self._end_session(self._session)
         await asyncio.gather(*list(self._ending), return_exceptions=True)
-
-
-def _leading_rows(queue: asyncio.Queue, limit: int) -> torch.Tensor | None:
-    """The rows a dropped session's stream holds for positions 0 onwards, without a gap, at most `limit` (one
-    copy: they are views of ZMQ frames); None if it holds none from position 0."""
-    rows: list[torch.Tensor] = []
-    end = 0
-    items = _with_the_rest(queue.get_nowait(), queue) if not queue.empty() else []
-    for item in items:
-        if isinstance(item, HiddenStates) and item.first_position <= end < item.first_position + len(item.rows):
-            rows.append(item.rows[end - item.first_position : limit - item.first_position])
-            end = min(item.first_position + len(item.rows), limit)
-        if end >= limit:
-            break
-    return torch.cat(rows) if rows else None
