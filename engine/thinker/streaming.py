@@ -140,6 +140,12 @@ class ThinkerIngest:
         except PromptError as error:
             await self.close()
             raise ThinkerInputError(str(error)) from error
+        media = self._head.get("multi_modal_data", {})
+        if set(media) - {"audio"} or isinstance(media.get("audio"), list):
+            # Media other than block items pass vLLM's processor cache, which takes an item processed once as sent
+            # to the EngineCore: chunks are processed once for their keys and again by vLLM, so only block items
+            # (which bypass that cache) may be. The turn is ingested salted alone instead.
+            self._salt = None
         if not self._closed:
             self._open_session()
 
@@ -253,7 +259,7 @@ class ThinkerIngest:
             return "the session ended before the turn"
         turn = Message("user", (Audio(self._blocks.samples),))
         same = request.hidden_states == self._hidden and not request.use_audio_in_video
-        same = same and self._engine._session_of(request) == self._salt
+        same = same and self._salt in (None, self._engine._session_of(request))
         if not same or not same_messages(request.messages, (*self._history, turn)):
             return "the conversation is not the one ingested"
         if request.sampling.stop:

@@ -127,7 +127,8 @@ async def test_images_beside_block_audio_answer_as_sent_at_once(thinker):
 PIECE = 1600  # 100 ms of audio per append, as a Realtime client sends it
 
 
-async def ingest_turn(engine: ThinkerEngine, name: str, history, samples: np.ndarray, session: str):
+async def ingest_turn(engine: ThinkerEngine, name: str, history, samples: np.ndarray, session: str, *,
+                      salted: bool = True):  # fmt: skip
     """A spoken turn ingested 100 ms at a time under the session's salt, each block's prefill awaited (as real time
     would), checked against the same conversation sent at once, salted alone; returns the answer and the ingest."""
     ingest = ThinkerIngest(engine, name, history, hidden_states=True, session=session)
@@ -141,7 +142,8 @@ async def ingest_turn(engine: ThinkerEngine, name: str, history, samples: np.nda
     assert ingest.fallback is None  # answered from the ingest session
     reused = answer(events)
     assert_same(reused, await ask(engine, f"{name}-alone", messages, None))
-    assert events[0].content_keys == tuple(await whole_keys(engine, messages, session))
+    keys = tuple(await whole_keys(engine, messages, session)) if salted else None
+    assert events[0].content_keys == keys
     return reused, ingest
 
 
@@ -181,6 +183,18 @@ async def test_every_ingested_turn_reuses_the_session_and_answers_as_sent_at_onc
     four = await turn(thinker, "i4", (*fourth, user_audio(2.2, 7)), session)
     assert four.done.num_cached_tokens > len(three.prompt_ids) // 2
     assert thinker.num_open_streams == 0
+    thinker.forget_session(session)
+
+
+async def test_a_turn_after_an_image_is_ingested_salted_alone(thinker):
+    """The head holds an image, whose processing vLLM's processor cache would take as sent to the EngineCore: the
+    turn is ingested salted alone (its chunks not processed twice), and still answered from its ingest session."""
+    session = "sess-image-ingest"
+    first = (SYSTEM, Message("user", (Image(picture(56, 56, seed=2)), Audio(tone(2.4, seed=13)))))
+    one = await turn(thinker, "mi1", first, session)
+    history = (*first, Message("assistant", (Text(one.text),)))
+    two, _ = await ingest_turn(thinker, "mi2", history, tone(3.3, seed=14), session, salted=False)
+    assert two.done.num_cached_tokens == 0
     thinker.forget_session(session)
 
 
