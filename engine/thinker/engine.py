@@ -263,7 +263,7 @@ class ThinkerEngine:
         for stream_id in list(self._tapped):
             self._fail_stream(stream_id, "the thinker's hidden-state receiver failed")
 
-    def fail_stream(self, stream_id: str, reason: str) -> None:
+    def _fail_stream(self, stream_id: str, reason: str) -> None:
         self._tapped.discard(stream_id)
         queue = self._streams.pop(stream_id, None)
         if queue is not None:
