@@ -28,6 +28,9 @@ from omnitalk.engine.thinker.events import HiddenStates, ThinkerEvent, ThinkerTe
 from omnitalk.engine.thinker.features import BLOCK_FRAMES, clip_features, split_blocks
 
 AUDIO_PLACEHOLDER = "<|AUDIO|>"
+# The processor kwargs of every request or chunk that sends block items: vLLM hashes an item with them, so an item
+# sent in a streaming-input chunk and in a later turn's request is the same item only if both carry the same.
+BLOCK_ITEM_KWARGS = {"use_audio_in_video": False}
 
 
 def features_audio(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,9 +61,13 @@ class ClipItems:
         if entry is not None and entry[0]() is samples:
             return entry[1]
         items = split_blocks(clip_features(samples, self.num_mels))
+        self.put(samples, items)
+        return items
+
+    def put(self, samples: np.ndarray, items: list[torch.Tensor]) -> None:
+        """`samples`' items are `items` (an ingested turn's: the very tensors its chunks sent)."""
         self._items = {k: v for k, v in self._items.items() if v[0]() is not None}  # clips no item holds any more
         self._items[id(samples)] = (weakref.ref(samples), items)
-        return items
 
 
 def session_prompt(prompt: dict[str, Any], clip_items: ClipItems, audio_token: int) -> dict[str, Any]:
@@ -86,18 +93,20 @@ def session_prompt(prompt: dict[str, Any], clip_items: ClipItems, audio_token: i
     media = dict(prompt["multi_modal_data"])
     media["audio"] = features_audio([item for items in per_clip for item in items])
     result["multi_modal_data"] = media
-    result["mm_processor_kwargs"] = {"use_audio_in_video": False}
+    result["mm_processor_kwargs"] = dict(BLOCK_ITEM_KWARGS)
     return result
 
 
-def content_keys(token_ids: list[int], mm_features: list[Any] | None = None) -> list[bytes]:
+def content_keys(token_ids: list[int], mm_features: list[Any] | None = None, keys: list[bytes] | None = None):
     """One key per position: the hash of the previous key, the token id and, inside a multimodal item, the item's
-    identifier and the offset in it (`mm_features`: vLLM's `MultiModalFeatureSpec`s of the prompt)."""
+    identifier and the offset in it (`mm_features`: vLLM's `MultiModalFeatureSpec`s of the prompt). With `keys`,
+    the prompt continues them (a streaming-input chunk: its positions and item offsets start at len(keys))."""
+    base = len(keys or ())
     covering: dict[int, tuple[str, int]] = {}
     for feature in mm_features or ():
-        start, length = feature.mm_position.offset, feature.mm_position.length
+        start, length = base + feature.mm_position.offset, feature.mm_position.length
         covering |= {start + k: (feature.identifier, k) for k in range(length)}
-    return extend_keys([], token_ids, covering)
+    return extend_keys(list(keys or ()), token_ids, covering)
 
 
 def extend_keys(keys: list[bytes], token_ids: list[int], covering: dict[int, tuple[str, int]] | None = None):

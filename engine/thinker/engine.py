@@ -9,9 +9,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import torch
 from vllm.exceptions import VLLMClientError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -23,12 +21,13 @@ from omnitalk.engine.thinker.conversation import (
     AUDIO_PLACEHOLDER,
     Recorder,
     SessionStates,
-    content_keys,
     session_prompt,
 )
-from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
+from omnitalk.engine.thinker.events import ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
+from omnitalk.engine.thinker.ordering import Arrived, by_stream, fail, ordered
 from omnitalk.engine.thinker.prompt import PromptError, build_prompt
 from omnitalk.engine.thinker.receiver import Decoded, RowReceiver
+from omnitalk.engine.thinker.session_request import keys_of, processed, put_covered
 
 log = logging.getLogger(__name__)
 WORKER_CLS = "omnitalk.engine.thinker.tap.HiddenStateWorker"
@@ -66,23 +65,6 @@ def engine_args(config: ThinkerConfig, rows_address: str):
 
 class ThinkerInputError(ValueError):
     """The request cannot be served as given (bad conversation, too long for the context window, ...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    error: BaseException
-
-
-@dataclass(frozen=True, slots=True)
-class _Positions:
-    positions: torch.Tensor
-
-
-@dataclass(frozen=True, slots=True)
-class _Arrived:
-    """What one drain of the row socket brought a stream, in arrival order: one queue item, one wake-up."""
-
-    items: list[_Positions | HiddenStates]
 
 
 class _Uncovered(Exception):
@@ -156,7 +138,7 @@ class ThinkerEngine:
                 keys = tuple(recorder.keys) if recorder is not None else None
                 producer = asyncio.create_task(self._pump(attempt, submitted, queue, covered, keys))
                 try:
-                    async for event in _ordered(queue, request.hidden_states):
+                    async for event in ordered(queue, request.hidden_states):
                         done = isinstance(event, ThinkerDone)
                         if recorder is not None:
                             recorder.add(event)
@@ -219,20 +201,13 @@ class ThinkerEngine:
             return prompt, None
         if session is None:
             return {**prompt, "cache_salt": request.request_id}, None  # cached positions would have no rows
-        processor = self.llm.input_processor
         try:
-            tasks = await self.llm.get_supported_tasks()
-            params = _sampling_params(request)
-            core = await processor.process_inputs_async(
-                request.request_id, {**prompt, "cache_salt": session}, params, supported_tasks=tasks
-            )
+            salted = {**prompt, "cache_salt": session}
+            core = await processed(self.llm, request.request_id, salted, _sampling_params(request))
         except Exception as error:
             raise _classify(error) from error
-        keys = content_keys(list(core.prompt_token_ids or ()), core.mm_features)
-        stored = self.sessions.get(session)
-        covered = stored.covered(keys) if stored is not None else 0
-        if covered:
-            queue.put_nowait(HiddenStates(0, stored.rows[:covered]))
+        keys = keys_of(core)
+        covered = put_covered(self.sessions.get(session), keys, queue)
         assert recorder is not None
         recorder.keys = keys
         return core, covered
@@ -260,7 +235,7 @@ class ThinkerEngine:
                 if not started:
                     cached = output.num_cached_tokens or 0
                     if covered is not None and cached > covered:
-                        _fail(queue, _Uncovered())
+                        fail(queue, _Uncovered())
                         return
                     queue.put_nowait(ThinkerStart(list(output.prompt_token_ids or ()), content_keys=keys))
                     started = True
@@ -274,7 +249,7 @@ class ThinkerEngine:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            _fail(queue, _classify(error))
+            fail(queue, _classify(error))
 
     def _ensure_receiver(self) -> None:
         if self._receiver is None or self._receiver.done():
@@ -296,14 +271,14 @@ class ThinkerEngine:
         self._tapped.discard(stream_id)
         queue = self._streams.pop(stream_id, None)
         if queue is not None:
-            _fail(queue, EngineFailure(reason))
+            fail(queue, EngineFailure(reason))
 
     async def _receive_rows(self) -> None:
         await self._rows.run(self._deliver)
 
     def _deliver(self, messages: list[Decoded]) -> None:
         """Fails the streams the worker named, then gives every other stream one item with all its rows."""
-        arrived, failed = _by_stream(messages)
+        arrived, failed = by_stream(messages)
         for stream_id in failed:
             self._fail_stream(stream_id, "the thinker could not publish this request's hidden states")
         for stream_id, items in arrived.items():
@@ -311,87 +286,10 @@ class ThinkerEngine:
             if queue is None:
                 continue  # aborted, finished or failed: late rows are dropped
             try:
-                queue.put_nowait(_Arrived(items))
+                queue.put_nowait(Arrived(items))
             except asyncio.QueueFull:
                 log.error("hidden-state queue of %s overflowed; failing it", stream_id)
                 self._fail_stream(stream_id, "the thinker's hidden-state queue overflowed")
-
-
-def _by_stream(messages: list[Decoded]) -> tuple[dict[str, list[_Positions | HiddenStates]], list[str]]:
-    """The positions and rows of `messages` per stream, in message order, and the streams named as failed."""
-    arrived: dict[str, list[_Positions | HiddenStates]] = {}
-    failed: list[str] = []
-    for spans, prompts, lost in messages:
-        failed += lost
-        for stream_id, positions in prompts.items():
-            arrived.setdefault(stream_id, []).append(_Positions(positions))
-        for span, rows in spans:
-            arrived.setdefault(span.stream_id, []).append(HiddenStates(span.first_position, rows))
-    return arrived, failed
-
-
-def _fail(queue: asyncio.Queue, error: BaseException) -> None:
-    """Ends the stream with `error` next, even when its queue is full: what is queued is no use any more."""
-    while queue.full():
-        queue.get_nowait()
-    queue.put_nowait(_Failed(error))
-
-
-async def _ordered(queue: asyncio.Queue, with_rows: bool) -> AsyncIterator[ThinkerEvent]:
-    """ThinkerStart first (with the prompt's positions when rows are wanted); rows once per position, in
-    order; ThinkerDone last, after every row is out. Rows and positions travel on another socket than
-    the tokens, so either may come first: everything waits until the start can be announced."""
-    start: ThinkerStart | None = None
-    positions: torch.Tensor | None = None
-    announced = False
-    held: list[ThinkerEvent] = []
-    next_position = 0
-    done: ThinkerDone | None = None
-    while done is None or (with_rows and next_position < done.num_prompt_tokens + done.num_generated_tokens - 1):
-        for event in _with_the_rest(await queue.get(), queue):
-            match event:
-                case _Failed():
-                    raise event.error
-                case _Positions():
-                    positions = event.positions
-                case HiddenStates():
-                    skip = next_position - event.first_position  # recompute after preemption re-sends positions
-                    end = event.first_position + event.rows.shape[0]
-                    if end <= next_position:
-                        continue
-                    if skip > 0:
-                        event = HiddenStates(next_position, event.rows[skip:])
-                    next_position = end
-                    held.append(event)
-                case ThinkerStart():
-                    start = event
-                case ThinkerDone():
-                    done = event
-                case _:
-                    held.append(event)
-        # A streaming-input request's positions come again with every chunk: wait for the whole prompt's.
-        covered = positions is not None and start is not None and positions.shape[1] == len(start.prompt_token_ids)
-        if not announced and start is not None and (covered or not with_rows):
-            yield dataclasses.replace(start, positions=positions)
-            announced = True
-        if announced:
-            for item in held:
-                yield item
-            held.clear()
-    yield done
-
-
-def _with_the_rest(item, queue: asyncio.Queue) -> list:
-    """`item` and every item queued after it, the items of an `_Arrived` in place: one wake-up takes them all."""
-    items = []
-    while True:
-        if isinstance(item, _Arrived):
-            items += item.items
-        else:
-            items.append(item)
-        if queue.empty():
-            return items
-        item = queue.get_nowait()
 
 
 def _classify(error: Exception) -> Exception:

@@ -30,67 +30,22 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from omnitalk.engine.request import Audio, Message, Text, ThinkerRequest
-from omnitalk.engine.thinker import rows as wire
-from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, features_audio
+from omnitalk.engine.request import Audio, Message, ThinkerRequest
+from omnitalk.engine.thinker.chunks import audio_chunk, prefill_params, same_messages, turn_prompt
+from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, Recorder, SessionRows
 from omnitalk.engine.thinker.engine import (
     ThinkerEngine,
     ThinkerInputError,
     _classify,
-    _fail,
-    _ordered,
     _sampling_params,
 )
 from omnitalk.engine.thinker.events import ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.features import HOP, BlockFeatures, clamp, clip_log_mel, split_blocks
-from omnitalk.engine.thinker.prompt import PromptError, audio_feature_kwargs, audio_token_count, build_prompt
+from omnitalk.engine.thinker.ordering import fail, leading_rows, ordered
+from omnitalk.engine.thinker.prompt import PromptError, audio_token_count
+from omnitalk.engine.thinker.session_request import keys_of, processed, put_covered
 
-
-def audio_chunk(token_id: int, items: list[torch.Tensor], tail: list[int]) -> dict[str, Any]:
-    """A prompt chunk of audio items, each given as features [num_mels, frames] (float32), then `tail` ids. All
-    three fields are needed: vLLM's input schema for Qwen2.5-Omni audio requires the mask beside the lengths, and a
-    chunk without it fails inside the worker, which kills the EngineCore. The items are laid out as a session's
-    requests send them (`conversation.features_audio`), so an item hashes the same (vLLM's prefix cache) whatever
-    request or chunk it travels in."""
-    if not items:
-        raise ValueError("an audio chunk needs at least one item")
-    for features in items:
-        if features.ndim != 2 or features.dtype != torch.float32 or features.shape[1] == 0:
-            raise ValueError(f"audio features must be [num_mels, frames] float32, got {tuple(features.shape)}")
-        if features.shape[0] != items[0].shape[0]:
-            raise ValueError("the audio items of a chunk must have the same number of mel bins")
-    audio = features_audio(items)
-    return {"prompt_token_ids": [token_id] * len(items) + list(tail), "multi_modal_data": {"audio": audio}}
-
-
-def prefill_params(tap: str | None):
-    """An intermediate chunk's sampling: greedy, one token (vLLM discards it), the tap on when rows are wanted."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    extra = {wire.TAP_KEY: tap} if tap is not None else None
-    return SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.DELTA, extra_args=extra)
-
-
-def same_messages(a: tuple[Message, ...], b: tuple[Message, ...]) -> bool:
-    """Equal conversations: audio by its samples, images and videos by identity (they are the session's own)."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if x.role != y.role or len(x.content) != len(y.content):
-            return False
-        for p, q in zip(x.content, y.content, strict=True):
-            if type(p) is not type(q):
-                return False
-            if isinstance(p, Audio):
-                if not np.array_equal(p.samples, q.samples):
-                    return False
-            elif isinstance(p, Text):
-                if p != q:
-                    return False
-            elif p is not q:
-                return False
-    return True
+__all__ = ["AUDIO_PLACEHOLDER", "IngestListener", "ThinkerIngest", "audio_chunk", "prefill_params"]
 
 
 class IngestListener(Protocol):
@@ -115,6 +70,12 @@ class _Session:
     sent: int = 0  # blocks sent, those in flight included
     done: int = 0  # blocks whose chunk vLLM reported prefilled
     final_sent: bool = False
+    # A session-salted ingest's content keys of every position sent so far (None: salted alone, nothing recorded),
+    # the leading positions whose rows the stream holds already, and what vLLM served from its cache.
+    keys: list[bytes] | None = None
+    head_length: int = 0
+    covered: int = 0
+    cached: int = 0
 
 
 class ThinkerIngest:
@@ -126,8 +87,12 @@ class ThinkerIngest:
     """
 
     def __init__(self, engine: ThinkerEngine, request_id: str, history: tuple[Message, ...], *,
-                 hidden_states: bool, listener: IngestListener | None = None):  # fmt: skip
+                 hidden_states: bool, listener: IngestListener | None = None, session: str | None = None):  # fmt: skip
         self._engine = engine
+        # `session`: the Realtime session whose state the turn reuses and extends (`ThinkerRequest.session`); its
+        # salt, its stored rows in front, its content keys recorded, its rows stored at the answer's end.
+        self._salt = session if hidden_states else None
+        self._head_rows: SessionRows | None = None  # a replaced session's rows of the head, for the next one
         self.request_id = request_id
         self._history = history
         self._hidden = hidden_states
@@ -143,6 +108,7 @@ class ThinkerIngest:
         self._progress = asyncio.Condition()
         self._closed = False
         self._finishing = False
+        self._uncovered = False
         self.restarts = 0  # sessions replaced because a later block moved the clamp
         self.fallback: str | None = None  # why `finish` answered the conversation sent at once; None: it did not
 
@@ -167,50 +133,36 @@ class ThinkerIngest:
         if any(key.startswith(prefix) for key in self._engine._streams):
             raise ThinkerInputError(f"request id {self.request_id!r} is already running")
         try:
-            self._head, self._tail = await asyncio.to_thread(self._split_prompt)
+            clips = self._engine.sessions.clip_items(self._salt) if self._salt is not None else None
+            self._head, self._tail = await asyncio.to_thread(
+                turn_prompt, self._history, self._engine.tokenizer, self._audio_token, clips
+            )
         except PromptError as error:
             await self.close()
             raise ThinkerInputError(str(error)) from error
+        media = self._head.get("multi_modal_data", {})
+        if set(media) - {"audio"} or isinstance(media.get("audio"), list):
+            # Media other than block items pass vLLM's processor cache, which takes an item processed once as sent
+            # to the EngineCore: chunks are processed once for their keys and again by vLLM, so only block items
+            # (which bypass that cache) may be. The turn is ingested salted alone instead.
+            self._salt = None
         if not self._closed:
             self._open_session()
-
-    def _split_prompt(self) -> tuple[dict[str, Any], list[int]]:
-        """The conversation with a placeholder audio as the new turn, as (the head prompt, cut after the new
-        turn's `<|audio_bos|>`; the ids after its `<|AUDIO|>`)."""
-        turn = Message("user", (Audio(np.zeros(1, np.float32)),))
-        prompt = build_prompt((*self._history, turn), self._engine.tokenizer, use_audio_in_video=False)
-        encode = self._engine.tokenizer.encode
-        if "prompt" in prompt:
-            text = prompt["prompt"]
-            cut = text.rindex(AUDIO_PLACEHOLDER)
-            head: dict[str, Any] = {"prompt": text[:cut]}
-            tail = encode(text[cut + len(AUDIO_PLACEHOLDER) :], add_special_tokens=False)
-        else:
-            ids = prompt["prompt_token_ids"]
-            cut = len(ids) - 1 - ids[::-1].index(self._audio_token)
-            head, tail = {"prompt_token_ids": ids[:cut]}, ids[cut + 1 :]
-        audios = prompt["multi_modal_data"]["audio"][:-1]
-        media = {k: v for k, v in prompt["multi_modal_data"].items() if k != "audio"}
-        if audios:
-            media["audio"] = audios
-        if media:
-            head["multi_modal_data"] = media
-            head["mm_processor_kwargs"] = {"use_audio_in_video": False}
-            if audios:
-                head["mm_processor_kwargs"] |= audio_feature_kwargs([samples for samples, _ in audios])
-        return head, tail
 
     def _open_session(self) -> None:
         """Submits a new session: the head, then (as soon as it is prefilled) every complete block so far."""
         engine = self._engine
         session = _Session(self._key(self.restarts), asyncio.Queue(maxsize=2 * engine.max_model_len + 4))
+        session.keys = [] if self._salt is not None else None
         engine._streams[session.key] = session.queue
         if self._hidden:
             engine._tapped.add(session.key)
             engine._ensure_receiver()
         self._session = session
-        # Its own salt: positions cached from an aborted session would never be recomputed, so have no rows.
-        self._send(session, {**self._head, "cache_salt": session.key}, blocks=0)
+        # Salted alone, each session has its own salt: positions cached from an aborted session would never be
+        # recomputed, so have no rows. Salted by the Realtime session, the cache serves what the session's stored
+        # rows (or a replaced session's, `_restart`) cover; more is an uncovered hit (`_run`).
+        self._send(session, {**self._head, "cache_salt": self._salt or session.key}, blocks=0)
         session.pump = asyncio.create_task(self._run(session))
 
     def push_audio(self, samples: np.ndarray) -> None:
@@ -228,6 +180,10 @@ class ThinkerIngest:
             self._send_blocks()
 
     def _restart(self, old: _Session) -> None:
+        if old.keys is not None:  # the cache now holds the head under the session's salt: keep its rows
+            rows = leading_rows(old.queue, len(self._head_keys(old)))
+            if rows is not None and len(rows) > old.covered:
+                self._head_rows = SessionRows(self._head_keys(old)[: len(rows)], rows)
         self.restarts += 1
         self._end_session(old)
         self._open_session()
@@ -277,19 +233,33 @@ class ThinkerIngest:
             return
         session = self._session
         assert session is not None
-        self._send_last(session, split_blocks(clamp(log_spec, maximum)), request)
+        items = split_blocks(clamp(log_spec, maximum))
+        self._send_last(session, items, request)
+        recorder = None
+        if session.keys is not None:
+            recorder = Recorder()
+            # Later turns send this clip as the very items sent here (those sent earlier are equal: no clamp moved).
+            self._engine.sessions.clip_items(self._salt).put(request.messages[-1].content[0].samples, items)
         try:
-            async for event in _ordered(session.queue, self._hidden):
+            async for event in ordered(session.queue, self._hidden):
+                if recorder is not None:
+                    recorder.add(event)
+                    if isinstance(event, ThinkerDone):
+                        recorder.keys = session.keys or []
+                        recorder.store(self._engine.sessions, self._salt)
                 yield event
         finally:
             await self.close()
 
     def _fallback(self, request: ThinkerRequest, frames: int, maximum: float) -> str | None:
         session = self._session
+        if self._uncovered:
+            return "the cache served more than the session's rows cover"
         if self._closed or session is None or session.pump is None or session.pump.done():
             return "the session ended before the turn"
         turn = Message("user", (Audio(self._blocks.samples),))
         same = request.hidden_states == self._hidden and not request.use_audio_in_video
+        same = same and self._salt in (None, self._engine._session_of(request))
         if not same or not same_messages(request.messages, (*self._history, turn)):
             return "the conversation is not the one ingested"
         if request.sampling.stop:
@@ -311,35 +281,55 @@ class ThinkerIngest:
         self._send(session, prompt, blocks=0, sampling=_sampling_params(tapped))
         session.inputs.put_nowait(None)
 
-    @staticmethod
-    async def _chunks(session: _Session):
+    def _head_keys(self, session: _Session) -> list[bytes]:
+        return (session.keys or [])[: session.head_length]
+
+    async def _chunks(self, session: _Session):
+        """The session's chunks as they are sent; a session-salted one's are processed first (as `_submit` does)
+        for their content keys, and the head's covered rows go into the stream before vLLM sees it."""
         while (item := await session.inputs.get()) is not None:
+            if session.keys is not None:
+                core = await processed(self._engine.llm, session.key, item.prompt, prefill_params(None))
+                first = not session.keys
+                session.keys = keys_of(core, session.keys)
+                if first:
+                    session.head_length = len(session.keys)
+                    stored = self._head_rows or self._engine.sessions.get(self._salt)
+                    session.covered = put_covered(stored, session.keys, session.queue)
             yield item
 
     async def _run(self, session: _Session) -> None:
         queue = session.queue
         generated = 0
         started = False
+        first = True
         try:
             params = prefill_params(session.key if self._hidden else None)
             async for output in self._engine.llm.generate(self._chunks(session), params, session.key):
                 completion = output.outputs[0]
+                if first:
+                    first, session.cached = False, output.num_cached_tokens or 0
+                    if session.keys is not None and session.cached > session.covered:
+                        self._uncovered = True  # positions cached with no row anywhere: `finish` falls back
+                        return
                 if not session.final_sent:
                     if completion.finish_reason is not None:  # an intermediate chunk is prefilled
                         await self._chunk_done(session)
                     continue
                 if not started:
-                    queue.put_nowait(ThinkerStart(list(output.prompt_token_ids or ())))
+                    ids = list(output.prompt_token_ids or ())
+                    keys = tuple(session.keys) if session.keys is not None and len(session.keys) == len(ids) else None
+                    queue.put_nowait(ThinkerStart(ids, content_keys=keys))
                     started = True
                 generated += len(completion.token_ids)
                 queue.put_nowait(ThinkerText(list(completion.token_ids), completion.text))
                 if completion.finish_reason is not None:
                     prompt_len = len(output.prompt_token_ids or ())
-                    queue.put_nowait(ThinkerDone(completion.finish_reason, prompt_len, generated))
+                    queue.put_nowait(ThinkerDone(completion.finish_reason, prompt_len, generated, session.cached))
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            _fail(queue, _classify(error))
+            fail(queue, _classify(error))
         finally:
             async with self._progress:
                 self._progress.notify_all()

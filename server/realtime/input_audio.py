@@ -106,11 +106,14 @@ class Ingestion:
         self.turn: Turn | None = None
         self.ready: ThinkerIngest | None = None
 
-    async def open(self, request_id: str, history: tuple[Message, ...], hidden: bool, audio: Resampled, begin: int):
-        """Starts ingesting a turn whose audio begins at `audio`'s sample `begin` (any turn still open is closed)."""
+    async def open(self, request_id: str, history: tuple[Message, ...], hidden: bool, audio: Resampled, begin: int,
+                   session: str | None):  # fmt: skip
+        """Starts ingesting a turn whose audio begins at `audio`'s sample `begin` (any turn still open is closed);
+        `session`: the Realtime session whose state it reuses and extends (None: salted alone)."""
         await self.drop()
         await self._close_ready()
-        ingest = ThinkerIngest(self.engine, request_id, history, hidden_states=hidden, listener=self._progress)
+        ingest = ThinkerIngest(self.engine, request_id, history, hidden_states=hidden, listener=self._progress,
+                               session=session)  # fmt: skip
         try:
             await ingest.start()
         except ThinkerInputError as error:  # the request sent at commit will say so; nothing is ingested

@@ -224,11 +224,11 @@ class Connection:
         except ClientError:
             return  # the response will say why
         hidden = spec.audio and not spec.tools.forced
-        if hidden and settings.session_state and any(m.role != "system" for m in spec.messages):
-            # A later turn is answered from the session's state (its history from the prefix cache, its rows
-            # stored); an ingest session is salted alone and would prefill that history again.
-            return
-        await self.ingestion.open(request_id, spec.messages, hidden, buffer.audio, buffer.index(buffer.start))
+        # Salted by the session as the response's request will be (`LiveResponse._request`): the history comes
+        # from the prefix cache and the session's stored rows, and the ingested turn's rows are stored for the next.
+        session = self.session.id if hidden and settings.session_state else None
+        begin = buffer.index(buffer.start)
+        await self.ingestion.open(request_id, spec.messages, hidden, buffer.audio, begin, session)
 
     async def _speech_started(self, audio_start_ms: int) -> None:
         self.session.buffer.keep_from(audio_start_ms)

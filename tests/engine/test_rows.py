@@ -10,8 +10,8 @@ import torch
 import zmq
 
 from omnitalk.engine.thinker import rows as wire
-from omnitalk.engine.thinker.engine import _Arrived, _by_stream, _Failed, _ordered, _Positions
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
+from omnitalk.engine.thinker.ordering import Arrived, Failed, Positions, by_stream, ordered
 from omnitalk.engine.thinker.receiver import MAX_MESSAGES_PER_DRAIN, RowReceiver
 
 
@@ -35,7 +35,7 @@ async def drain(events: list) -> list:
     queue: asyncio.Queue = asyncio.Queue()
     for event in events:
         queue.put_nowait(event)
-    return [event async for event in _ordered(queue, with_rows=True)]
+    return [event async for event in ordered(queue, with_rows=True)]
 
 
 def rows(first: int, n: int) -> HiddenStates:
@@ -45,7 +45,7 @@ def rows(first: int, n: int) -> HiddenStates:
 async def test_rows_that_overtake_the_start_wait_for_it_and_done_waits_for_the_last_row():
     positions = torch.arange(9).view(3, 3)
     text, done = ThinkerText([9], "x"), ThinkerDone("stop", 3, 2)
-    out = await drain([_Positions(positions), rows(0, 2), ThinkerStart([1, 2, 3]), rows(2, 1), text, done, rows(3, 1)])
+    out = await drain([Positions(positions), rows(0, 2), ThinkerStart([1, 2, 3]), rows(2, 1), text, done, rows(3, 1)])
     assert out[0] == ThinkerStart([1, 2, 3], positions) and out[-1] is done
     spans = [(e.first_position, len(e.rows)) for e in out if isinstance(e, HiddenStates)]
     assert spans == [(0, 2), (2, 1), (3, 1)]  # L + N - 1 = 4 rows, then done
@@ -54,14 +54,14 @@ async def test_rows_that_overtake_the_start_wait_for_it_and_done_waits_for_the_l
 async def test_the_start_waits_for_the_prompt_positions_when_rows_are_wanted():
     positions = torch.zeros(3, 1, dtype=torch.long)
     out = await drain(
-        [ThinkerStart([1]), ThinkerText([5], "a"), _Positions(positions), rows(0, 1), ThinkerDone("stop", 1, 1)]
+        [ThinkerStart([1]), ThinkerText([5], "a"), Positions(positions), rows(0, 1), ThinkerDone("stop", 1, 1)]
     )
     assert isinstance(out[0], ThinkerStart) and out[0].positions is positions
     assert isinstance(out[1], ThinkerText)
 
 
 async def test_positions_sent_again_after_preemption_are_delivered_once():
-    events = [_Positions(torch.zeros(3, 4)), ThinkerStart([1, 2, 3, 4]), rows(0, 3), rows(0, 5), rows(5, 1)]
+    events = [Positions(torch.zeros(3, 4)), ThinkerStart([1, 2, 3, 4]), rows(0, 3), rows(0, 5), rows(5, 1)]
     out = await drain([*events, ThinkerDone("stop", 4, 3)])
     spans = [(e.first_position, e.rows[:, 0].tolist()) for e in out if isinstance(e, HiddenStates)]
     assert spans == [(0, [0.0, 1.0, 2.0]), (3, [3.0, 4.0]), (5, [5.0])]
@@ -69,14 +69,14 @@ async def test_positions_sent_again_after_preemption_are_delivered_once():
 
 async def test_a_failure_reaches_the_consumer():
     with pytest.raises(RuntimeError, match="boom"):
-        await drain([_Positions(torch.zeros(3, 1)), ThinkerStart([1]), _Failed(RuntimeError("boom"))])
+        await drain([Positions(torch.zeros(3, 1)), ThinkerStart([1]), Failed(RuntimeError("boom"))])
 
 
 async def test_rows_that_arrived_together_are_delivered_in_order():
     text, done = ThinkerText([9], "x"), ThinkerDone("stop", 3, 2)
     positions = torch.zeros(3, 3, dtype=torch.long)
     out = await drain(
-        [_Arrived([_Positions(positions), rows(0, 3)]), ThinkerStart([1, 2, 3]), text, _Arrived([rows(3, 1)]), done]
+        [Arrived([Positions(positions), rows(0, 3)]), ThinkerStart([1, 2, 3]), text, Arrived([rows(3, 1)]), done]
     )
     assert out[0] == ThinkerStart([1, 2, 3], positions) and out[-1] is done
     assert [(e.first_position, e.rows[:, 0].tolist()) for e in out[1:-1] if isinstance(e, HiddenStates)] == [
@@ -126,15 +126,15 @@ async def test_one_drain_takes_every_queued_message_and_keeps_each_streams_order
     try:
         await pipe.received(4)
         assert len(pipe.drains) == 1  # queued before the reader started: one drain, one delivery
-        arrived, failed = _by_stream(pipe.drains[0])
+        arrived, failed = by_stream(pipe.drains[0])
         assert failed == ["c"]
-        assert isinstance(arrived["a"][0], _Positions) and arrived["a"][0].positions.shape == (3, 1)
+        assert isinstance(arrived["a"][0], Positions) and arrived["a"][0].positions.shape == (3, 1)
         got = {k: [(e.first_position, e.rows[:, 0].tolist()) for e in v[k == "a" :]] for k, v in arrived.items()}
         assert got == {"a": [(0, [0.0, 1.0, 2.0]), (3, [3.0]), (4, [4.0])], "b": [(0, [0.0, 1.0]), (2, [2.0])],
                        "c": [(5, [5.0])]}  # fmt: skip
         pipe.push.send_multipart(step(("a", 5, 1)))  # arrives on an idle socket: its own edge, its own drain
         await pipe.received(5)
-        assert len(pipe.drains) == 2 and _by_stream(pipe.drains[1])[0]["a"][0].first_position == 5
+        assert len(pipe.drains) == 2 and by_stream(pipe.drains[1])[0]["a"][0].first_position == 5
     finally:
         task.cancel()
         pipe.close()
@@ -149,7 +149,7 @@ async def test_a_flood_is_drained_over_several_callbacks_without_losing_a_messag
     try:
         await pipe.received(n)
         assert [len(d) for d in pipe.drains] == [MAX_MESSAGES_PER_DRAIN, 6]
-        positions = [e.first_position for d in pipe.drains for e in _by_stream(d)[0]["a"]]
+        positions = [e.first_position for d in pipe.drains for e in by_stream(d)[0]["a"]]
         assert positions == list(range(n))
     finally:
         task.cancel()

@@ -1,6 +1,6 @@
 """A session's turns reuse its earlier turns' thinker state (prefix cache under the session's salt, stored rows)
 and answer exactly as the same conversation sent at once, salted alone: greedy tokens, positions and every
-hidden-state row, after spoken turns, an ingested turn, a truncated answer and a deleted item."""
+hidden-state row, after spoken turns, ingested turns (a restart in one), a truncated answer and a deleted item."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from released import assert_released
 from thinker_cases import picture, tone
 
 from omnitalk.engine.omni import AudioDelta, Finished, OmniEngine, OmniRequest, Speech
 from omnitalk.engine.request import Audio, Image, Message, Sampling, Text, ThinkerRequest
 from omnitalk.engine.talker.sampling import TalkerSampling
-from omnitalk.engine.thinker.engine import ThinkerEngine
+from omnitalk.engine.thinker.engine import ThinkerEngine, _sampling_params
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerStart, ThinkerText
 from omnitalk.engine.thinker.prompt import SPEECH_SYSTEM_PROMPT
+from omnitalk.engine.thinker.session_request import keys_of, processed
 from omnitalk.engine.thinker.streaming import ThinkerIngest
 
 MAX_TOKENS = 10
@@ -122,28 +124,106 @@ async def test_images_beside_block_audio_answer_as_sent_at_once(thinker):
     thinker.forget_session(session)
 
 
-async def test_turns_after_an_ingested_turn_answer_as_sent_at_once(thinker):
-    """A turn answered from its ingest session (salted alone) leaves nothing in the session's state, so the next turn
-    recomputes it, exactly; the turn after that reuses the session again."""
-    session = "sess-ingest"
-    first = (SYSTEM, user_audio(2.6, 4))
-    one = await turn(thinker, "i1", first, session)
-    history = (*first, Message("assistant", (Text(one.text),)))
-    samples = tone(4.3, hz=180.0, seed=5)
-    ingest = ThinkerIngest(thinker, "i2", history, hidden_states=True)
+PIECE = 1600  # 100 ms of audio per append, as a Realtime client sends it
+
+
+async def ingest_turn(engine: ThinkerEngine, name: str, history, samples: np.ndarray, session: str, *,
+                      salted: bool = True):  # fmt: skip
+    """A spoken turn ingested 100 ms at a time under the session's salt, each block's prefill awaited (as real time
+    would), checked against the same conversation sent at once, salted alone; returns the answer and the ingest."""
+    ingest = ThinkerIngest(engine, name, history, hidden_states=True, session=session)
     await asyncio.wait_for(ingest.start(), TIMEOUT)
-    ingest.push_audio(samples)
-    second = (*history, Message("user", (Audio(samples),)))
-    request = ThinkerRequest("i2", second, Sampling(max_tokens=MAX_TOKENS), hidden_states=True, session=session)
-    two = answer(await drain(ingest.finish(request)))
+    for start in range(0, len(samples), PIECE):
+        ingest.push_audio(samples[start : start + PIECE])
+        await asyncio.wait_for(ingest.wait_prefilled(ingest.pushed_blocks), TIMEOUT)
+    messages = (*history, Message("user", (Audio(samples),)))
+    request = ThinkerRequest(name, messages, Sampling(max_tokens=MAX_TOKENS), hidden_states=True, session=session)
+    events = await drain(ingest.finish(request))
     assert ingest.fallback is None  # answered from the ingest session
-    assert_same(two, await ask(thinker, "i2-alone", second, None))
-    third = (*second, Message("assistant", (Text(two.text),)), user_audio(2.0, 6))
-    three = await turn(thinker, "i3", third, session)
-    fourth = (*third, Message("assistant", (Text(three.text),)), user_audio(2.2, 7))
-    four = await turn(thinker, "i4", fourth, session)
+    reused = answer(events)
+    assert_same(reused, await ask(engine, f"{name}-alone", messages, None))
+    keys = tuple(await whole_keys(engine, messages, session)) if salted else None
+    assert events[0].content_keys == keys
+    return reused, ingest
+
+
+async def whole_keys(engine: ThinkerEngine, messages, session: str) -> list[bytes]:
+    """The content keys of the conversation sent at once as the session's request: equal to an ingested turn's only
+    if its chunks' items are the very items a later turn sends (vLLM's item hashes)."""
+    prompt = engine._render(ThinkerRequest("keys", messages, Sampling(), hidden_states=True, session=session), session)
+    request = ThinkerRequest("keys", messages, Sampling(), hidden_states=True)
+    core = await processed(engine.llm, "keys", {**prompt, "cache_salt": session}, _sampling_params(request))
+    return keys_of(core)
+
+
+def louder_and_louder() -> np.ndarray:
+    """7 s whose second and third blocks are each louder than all before: the session restarts twice."""
+    return np.concatenate([0.3 * tone(2.2, seed=1), 0.6 * tone(2.0, seed=3), tone(2.8, seed=2)])
+
+
+async def test_every_ingested_turn_reuses_the_session_and_answers_as_sent_at_once(thinker):
+    """Turns ingested under the session's salt: the head comes from the prefix cache and the stored rows (the earlier
+    turns' audio included, which only ingest chunks computed), the turn's rows are stored for the next; a restart in
+    a later turn is served its head by the cache; the turn sent at once after them reuses the last ingested one."""
+    session = "sess-ingest"
+    audio = thinker.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    one_audio = tone(6.3, hz=170.0, seed=4)
+    one, _ = await ingest_turn(thinker, "i1", (SYSTEM,), one_audio, session)
+    assert one.done.num_cached_tokens == 0
+    history = (SYSTEM, Message("user", (Audio(one_audio),)), Message("assistant", (Text(one.text),)))
+    two_audio = tone(4.3, hz=180.0, seed=5)
+    two, _ = await ingest_turn(thinker, "i2", history, two_audio, session)
+    assert two.done.num_cached_tokens > one.prompt_ids.index(audio)  # blocks computed by turn 1's chunks
+    history = (*history, Message("user", (Audio(two_audio),)), Message("assistant", (Text(two.text),)))
+    three_audio = louder_and_louder()
+    three, ingest = await ingest_turn(thinker, "i3", history, three_audio, session)
+    assert ingest.restarts == 2
+    assert three.done.num_cached_tokens > len(two.prompt_ids) // 2
+    fourth = (*history, Message("user", (Audio(three_audio),)), Message("assistant", (Text(three.text),)))
+    four = await turn(thinker, "i4", (*fourth, user_audio(2.2, 7)), session)
     assert four.done.num_cached_tokens > len(three.prompt_ids) // 2
+    assert thinker.num_open_streams == 0
     thinker.forget_session(session)
+
+
+async def test_a_turn_after_an_image_is_ingested_salted_alone(thinker):
+    """The head holds an image, whose processing vLLM's processor cache would take as sent to the EngineCore: the
+    turn is ingested salted alone (its chunks not processed twice), and still answered from its ingest session."""
+    session = "sess-image-ingest"
+    first = (SYSTEM, Message("user", (Image(picture(56, 56, seed=2)), Audio(tone(2.4, seed=13)))))
+    one = await turn(thinker, "mi1", first, session)
+    history = (*first, Message("assistant", (Text(one.text),)))
+    samples = tone(3.3, seed=14)
+    samples *= np.linspace(1.0, 0.6, len(samples), dtype=np.float32)  # loudest in its first block: no clamp moves
+    two, _ = await ingest_turn(thinker, "mi2", history, samples, session, salted=False)
+    assert two.done.num_cached_tokens == 0
+    thinker.forget_session(session)
+
+
+@pytest.mark.parametrize("leave", ["close", "answer"])
+async def test_a_later_ingested_turn_left_midway_releases_the_thinker(thinker, leave):
+    """Clear, cancel or a client gone mid-utterance (closed) or mid-answer (left) in a session's second turn."""
+    session = f"sess-leave-{leave}"
+    one_audio = tone(3.1, seed=8)
+    one, _ = await ingest_turn(thinker, f"l1-{leave}", (SYSTEM,), one_audio, session)
+    history = (SYSTEM, Message("user", (Audio(one_audio),)), Message("assistant", (Text(one.text),)))
+    ingest = ThinkerIngest(thinker, f"l2-{leave}", history, hidden_states=True, session=session)
+    await asyncio.wait_for(ingest.start(), TIMEOUT)
+    samples = tone(4.5, seed=9)
+    ingest.push_audio(samples)
+    await asyncio.wait_for(ingest.wait_prefilled(2), TIMEOUT)
+    if leave == "close":
+        await asyncio.wait_for(ingest.close(), TIMEOUT)
+    else:
+        messages = (*history, Message("user", (Audio(samples),)))
+        request = ThinkerRequest("l2", messages, Sampling(max_tokens=4000), hidden_states=True, session=session)
+        stream = ingest.finish(request)
+        texts = 0
+        while texts < 3:
+            texts += isinstance(await asyncio.wait_for(anext(stream), TIMEOUT), ThinkerText)
+        await asyncio.wait_for(stream.aclose(), TIMEOUT)
+    thinker.forget_session(session)
+    await assert_released(thinker)
 
 
 async def test_a_session_whose_rows_are_gone_is_resent_alone(thinker):

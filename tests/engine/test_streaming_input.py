@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from released import assert_released
 from thinker_cases import tone
 
 from omnitalk.engine.omni import AudioDelta, Finished, OmniEngine, OmniRequest, Speech, TextDelta
@@ -282,18 +283,6 @@ async def test_an_ingested_spoken_turn_speaks_as_the_conversation_sent_at_once(o
     assert len(waveform) == len(whole_waveform)
     assert np.abs(waveform - whole_waveform).max() <= 1e-5 * max(np.abs(whole_waveform).max(), 1e-30) + 1e-7
     await assert_released(omni.thinker)
-
-
-async def assert_released(engine: ThinkerEngine) -> None:
-    """No stream, no tapped stream, no request in the frontend, and every KV block free in the EngineCore (the
-    block pool refuses a prefix-cache reset while any block is held)."""
-    for _ in range(100):  # the EngineCore frees an aborted request on its next step
-        if not engine.llm.output_processor.has_unfinished_requests() and await bounded(engine.llm.reset_prefix_cache()):
-            break
-        await asyncio.sleep(0.1)
-    assert engine.num_open_streams == 0 and not engine._tapped
-    assert not engine.llm.output_processor.has_unfinished_requests()
-    assert await bounded(engine.llm.reset_prefix_cache())
 
 
 async def test_a_turn_dropped_before_it_ends_releases_the_thinker(thinker):

@@ -60,8 +60,7 @@ async def forgotten(omni) -> bool:
 
 
 async def test_later_turns_reuse_the_session_and_say_what_they_say_without(omni, settings):
-    """Ingestion off, so that every turn is the conversation sent at once (an ingested turn answered from its ingest
-    session reuses nothing; tests/engine/test_session_state.py covers the turn after one)."""
+    """Ingestion off, so that every turn is the conversation sent at once."""
     on = settings.model_copy(update={"ingest_audio": False})
     async with live_server(omni, on) as (url, state):
         reused = await conversation(url)
@@ -75,17 +74,17 @@ async def test_later_turns_reuse_the_session_and_say_what_they_say_without(omni,
     assert [text for text, _ in reused] == [text for text, _ in alone]
 
 
-async def test_by_default_the_first_turn_is_ingested_and_later_ones_reuse_the_session(omni, settings):
-    """Ingestion and session state on (the defaults): the first turn is prefilled while spoken; later turns are
-    answered from the session's state, since an ingest session is salted alone and would prefill the history again.
-    The second turn finds nothing of the ingested first one in the cache (another salt); the third reuses both. They
-    say what they say with both settings off."""
+async def test_by_default_every_turn_is_ingested_and_reuses_the_session(omni, settings):
+    """Ingestion and session state on (the defaults): every turn is prefilled while spoken under the session's salt
+    and answered from its ingest session; turns 2 and 3 find the earlier turns (ingested ones included) in the
+    cache, and say what they say with both settings off."""
     async with live_server(omni, settings) as (url, state):
         reused = await conversation(url)
         turns = state.metrics.ingested_turns
-        assert turns.labels("session")._value.get() + turns.labels("fallback")._value.get() == 1
-        assert reused[0][1] == 0 and reused[2][1] > 0
-        assert await settled(state)
+        assert turns.labels("session")._value.get() == 3 and turns.labels("fallback")._value.get() == 0
+        assert reused[0][1] == 0 and reused[1][1] > 0 and reused[2][1] > 0
+        assert state.metrics.thinker_cached_tokens._value.get() == sum(cached for _, cached in reused)
+        assert await settled(state) and await forgotten(omni)
     off = settings.model_copy(update={"ingest_audio": False, "session_state": False})
     async with live_server(omni, off) as (off_url, _):
         alone = await conversation(off_url)
