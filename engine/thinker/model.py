@@ -88,32 +88,36 @@ class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenera
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
     ) -> tuple[torch.Tensor, int]:
+        """An audio item's positions continue the line of the text around it, so only images and videos start a
+        piece of their own: a session's prompt of a hundred audio items is one line (the runner recomputes it
+        over the whole grown prompt at every streaming-input chunk)."""
         pieces: list[np.ndarray] = []
         st = 0  # index of the first token not yet given a position
+        start = 0  # the position token `st` takes on a line: the last piece's max + 1
 
-        def next_start() -> int:
-            return int(pieces[-1].max()) + 1 if pieces else 0
+        def line_to(end: int) -> None:
+            nonlocal st, start
+            if end > st:
+                pieces.append(_line(end - st, start))
+                st, start = end, start + end - st
 
         for offset, modality, data in self.iter_mm_features(mm_features):
-            if offset > st:
-                pieces.append(_line(offset - st, next_start()))
             if modality == "audio":
-                length = self._compute_audio_token_count(data["audio_feature_length"])
-                pieces.append(_line(length, next_start()))
-            elif modality == "video" and data["use_audio_in_video"]:
+                continue
+            line_to(offset)
+            if modality == "video" and data["use_audio_in_video"]:
                 # vLLM gives `<|audio_bos|>` a position of its own (shifting the block by one) and the eos
                 # pair the block's overall max + 1; transformers shares one position per bos/eos pair, the
                 # eos one being the last chunk's max + 1.
-                block = self._audio_in_video_positions(data, vision_bos=next_start() - 1)
+                block = self._audio_in_video_positions(data, vision_bos=start - 1)
                 pieces.extend(block)
                 length = sum(piece.shape[1] for piece in block)
             else:
                 grid = (data["grid_t"], data["grid_h"], data["grid_w"])
-                pieces.append(_grid(*grid, data["t_factor"], next_start()))
+                pieces.append(_grid(*grid, data["t_factor"], start))
                 length = int(np.prod(grid))
-            st = offset + length
-        if st < len(input_tokens):
-            pieces.append(_line(len(input_tokens) - st, next_start()))
+            st, start = offset + length, int(pieces[-1].max()) + 1
+        line_to(len(input_tokens))
 
         positions = np.concatenate(pieces, axis=1)
         return torch.from_numpy(positions), int(positions.max()) + 1 - len(input_tokens)

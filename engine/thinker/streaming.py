@@ -73,7 +73,6 @@ class _Session:
     # A session-salted ingest's content keys of every position sent so far (None: salted alone, nothing recorded),
     # the leading positions whose rows the stream holds already, and what vLLM served from its cache.
     keys: list[bytes] | None = None
-    head_length: int = 0
     covered: int = 0
     cached: int = 0
 
@@ -93,6 +92,9 @@ class ThinkerIngest:
         # salt, its stored rows in front, its content keys recorded, its rows stored at the answer's end.
         self._salt = session if hidden_states else None
         self._head_rows: SessionRows | None = None  # a replaced session's rows of the head, for the next one
+        # The head's content keys, computed by the first session that sent it: every restart sends the same head
+        # under the same salt, so processing it again (the whole history's items hashed) would give the same keys.
+        self._head_keys: list[bytes] | None = None
         self.request_id = request_id
         self._history = history
         self._hidden = hidden_states
@@ -180,10 +182,11 @@ class ThinkerIngest:
             self._send_blocks()
 
     def _restart(self, old: _Session) -> None:
-        if old.keys is not None:  # the cache now holds the head under the session's salt: keep its rows
-            rows = leading_rows(old.queue, len(self._head_keys(old)))
+        head = self._head_keys
+        if old.keys and head:  # the cache now holds the head under the session's salt: keep its rows
+            rows = leading_rows(old.queue, len(head))
             if rows is not None and len(rows) > old.covered:
-                self._head_rows = SessionRows(self._head_keys(old)[: len(rows)], rows)
+                self._head_rows = SessionRows(head[: len(rows)], rows)
         self.restarts += 1
         self._end_session(old)
         self._open_session()
@@ -281,22 +284,27 @@ class ThinkerIngest:
         self._send(session, prompt, blocks=0, sampling=_sampling_params(tapped))
         session.inputs.put_nowait(None)
 
-    def _head_keys(self, session: _Session) -> list[bytes]:
-        return (session.keys or [])[: session.head_length]
-
     async def _chunks(self, session: _Session):
         """The session's chunks as they are sent; a session-salted one's are processed first (as `_submit` does)
         for their content keys, and the head's covered rows go into the stream before vLLM sees it."""
         while (item := await session.inputs.get()) is not None:
             if session.keys is not None:
-                core = await processed(self._engine.llm, session.key, item.prompt, prefill_params(None))
                 first = not session.keys
-                session.keys = keys_of(core, session.keys)
+                session.keys = await self._keys(session, item.prompt)
                 if first:
-                    session.head_length = len(session.keys)
                     stored = self._head_rows or self._engine.sessions.get(self._salt)
                     session.covered = put_covered(stored, session.keys, session.queue)
             yield item
+
+    async def _keys(self, session: _Session, prompt: dict[str, Any]) -> list[bytes]:
+        """`session.keys` continued by the chunk `prompt`'s (the head's: computed once per turn)."""
+        if not session.keys and self._head_keys is not None:
+            return self._head_keys
+        core = await processed(self._engine.llm, session.key, prompt, prefill_params(None))
+        keys = keys_of(core, session.keys)
+        if not session.keys:
+            self._head_keys = keys
+        return keys
 
     async def _run(self, session: _Session) -> None:
         queue = session.queue
