@@ -3,12 +3,17 @@ are the ones the request's own prefill would write, so the request speaks as tra
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from oracle import SYSTEM_PROMPT, Reference, ReferenceOutput
-from talker_inputs import Conversation, pool_gib, run
+from talker_inputs import Conversation, pool_gib, run, synthetic
 from thinker_cases import tone
 
+from omnitalk.codecs.code2wav import Code2Wav
+from omnitalk.engine.speech.engine import AudioChunk, SpeechEngine
 from omnitalk.engine.talker import Talker, TalkerSampling, TalkerSequence
 from omnitalk.engine.talker.ahead import AheadPrompt
 from omnitalk.engine.talker.runner import BLOCK_SIZE
@@ -124,3 +129,40 @@ def test_ahead_takes_no_blocks_live_streams_need_and_checks_its_input(tiny_dir):
     with pytest.raises(ValueError, match="2 ids with 1 keys"):
         ahead.extend(96, [1, 2], conv.positions[:, :2], conv.keys[:1], conv.rows[:2])
     assert talker.num_free_tokens == talker.blocks.num_tokens
+
+
+def test_the_speech_engine_prefills_ahead_only_when_no_stream_can_progress(tiny_dir):
+    """A stream fed whole can progress every round until its end: the prompts sent ahead after it wait until it
+    is done (every audio chunk goes out before any block is prefilled ahead); a cancelled one is never prefilled."""
+    talker = Talker.from_checkpoint(tiny_dir, max_seqs=4, memory_gib=pool_gib(8192))
+    engine = SpeechEngine(talker, Code2Wav.from_checkpoint(tiny_dir), max_batch=4)
+    ahead_at_audio: list[int] = []
+    done = threading.Event()
+
+    def sink(event) -> None:  # on the speech thread
+        if isinstance(event, AudioChunk):
+            ahead_at_audio.append(talker.num_ahead_tokens)
+        else:
+            done.set()
+
+    try:
+        live = synthetic("live", 40, 60)
+        engine.open("live", live.prompt_ids, None, "Chelsie", live.sampling, sink)
+        engine.add_rows("live", 0, live.take_prefill()[0])
+        engine.add_rows("live", 41, live._take(live.num_rows - 41))
+        engine.add_tokens("live", live.tokens)
+        engine.thinker_done("live")
+        conv, other = Conversation("conv", 300, 13), Conversation("other", 300, 14)
+        for key, session, c in [("cancelled", "gone", other), ("kept", "s", conv)]:
+            engine.prefill_ahead(key, session, 0, [151646] * 100, c.positions[:, :100], c.keys[:100], c.rows[:100])
+        engine.cancel_ahead("cancelled")
+        assert done.wait(timeout=120)
+        for _ in range(200):  # polled: the speech thread prefills once idle
+            if talker.num_ahead_tokens:
+                break
+            time.sleep(0.05)
+        assert len(ahead_at_audio) > 1 and set(ahead_at_audio) == {0}
+        assert talker.num_ahead_tokens == 3 * BLOCK_SIZE and talker.blocks.num_cached_blocks == 3  # "kept"'s only
+        assert talker.num_free_tokens == talker.blocks.num_tokens
+    finally:
+        engine.shutdown()
