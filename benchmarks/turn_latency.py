@@ -46,7 +46,12 @@ VOICE = "Chelsie"
 SETTING = "ingest_audio"
 STATE = "session_state"
 Mode = tuple[bool, bool]  # (ingestion, session state)
-COUNTERS = ("omnitalk:thinker_cached_tokens_total", "omnitalk:ingest", "omnitalk:prompt_tokens_total")
+COUNTERS = (
+    "omnitalk:thinker_cached_tokens_total",
+    "omnitalk:ingest",
+    "omnitalk:prompt_tokens_total",
+    "omnitalk:talker",
+)
 
 
 def server_modes(ingestion: list[str], state: list[str]) -> list[Mode]:

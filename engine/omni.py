@@ -18,7 +18,7 @@ from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.thinker.config import ThinkerStartError, pin_v1_runner
 from omnitalk.engine.thinker.engine import ThinkerConfig, ThinkerEngine, ThinkerInputError
 from omnitalk.engine.thinker.events import HiddenStates, ThinkerDone, ThinkerEvent, ThinkerStart, ThinkerText
-from omnitalk.engine.thinker.streaming import ThinkerIngest
+from omnitalk.engine.thinker.streaming import IngestListener, ThinkerIngest
 
 SAMPLE_RATE = 24_000
 
@@ -122,6 +122,13 @@ class OmniEngine:
         """The session ended: its thinker rows and its talker's cached prompt blocks are dropped."""
         self.thinker.forget_session(session)
         self.speech.forget_session(session)
+
+    def ingest(self, request_id: str, history: tuple[Message, ...], *, hidden_states: bool, session: str | None,
+               listener: IngestListener | None = None) -> ThinkerIngest:  # fmt: skip
+        """A user turn to prefill while it is spoken, for `generate(request, ingest)`: into the thinker, and, for a
+        spoken turn of a session (`hidden_states` and `session`), the talker's blocks of its prompt too."""
+        return ThinkerIngest(self.thinker, request_id, history, hidden_states=hidden_states, listener=listener,
+                             session=session, talker=self.speech)  # fmt: skip
 
     async def generate(self, request: OmniRequest, ingest: ThinkerIngest | None = None) -> AsyncIterator[OmniEvent]:
         """`ingest`: the request's last user turn, already prefilled (`ThinkerIngest.finish` answers the request

@@ -99,6 +99,10 @@ class EngineCounters:
                 "omnitalk:talker_cached_tokens", "Prompt positions the talker took from a Realtime session's cached "
                 "prompt blocks instead of computing them", value=self.engine.speech.talker.num_cached_tokens,
             )  # fmt: skip
+            yield CounterMetricFamily(
+                "omnitalk:talker_ahead_tokens", "Prompt positions the talker prefilled into a Realtime session's "
+                "cached prompt blocks while the turn was spoken", value=self.engine.speech.talker.num_ahead_tokens,
+            )  # fmt: skip
 
 
 @dataclass(slots=True)

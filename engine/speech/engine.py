@@ -18,6 +18,7 @@ from omnitalk.codecs.streaming import Code2WavStream, StreamingConfig
 from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.policy import Candidate, Costs, PlaybackClock, Work, choose, talker_bound
+from omnitalk.engine.talker.ahead import AheadPrompt
 from omnitalk.engine.talker.runner import Talker
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.talker.sequence import TalkerSequence
@@ -54,6 +55,8 @@ class SpeechStats:
 
 
 COST_EMA = 0.3  # weight of the newest measurement in the predicted costs (Code2Wav per row, talker step)
+# Talker blocks one idle round prefills ahead (32 positions each): the most a live stream's next step can wait on it.
+AHEAD_BLOCKS_PER_ROUND = 4
 
 
 def streaming_config(config: SpeechConfig) -> StreamingConfig:
@@ -75,7 +78,8 @@ class _Stream:
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    name: str  # "open", "rows", "tokens", "thinker_done", "close", "forget", "reset_stats", "stop"
+    name: str  # "open", "rows", "tokens", "thinker_done", "close", "forget", "ahead", "cancel_ahead", "reset_stats",
+    # "stop"
     key: str = ""
     args: tuple = ()
 
@@ -90,6 +94,7 @@ class SpeechEngine:
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[str] = []  # opened, not yet in the talker (admitted by deadline, none overtaking)
+        self._ahead: dict[str, AheadPrompt] = {}  # prompts being ingested, prefilled ahead in idle rounds
         self._stats = SpeechStats()
         self._talker_wait_from: float | None = None  # since when a talker-bound stream waits for a step
         self._costs = Costs()  # predicted from measured batches and steps
@@ -179,6 +184,26 @@ class SpeechEngine:
         """The session ended: the talker drops its cached prompt blocks."""
         self._send("forget", session)
 
+    def prefill_ahead(
+        self,
+        key: str,
+        session: str,
+        first_position: int,
+        token_ids: list[int],
+        positions: torch.Tensor,
+        content_keys: tuple[bytes, ...],
+        rows: torch.Tensor,
+    ) -> None:
+        """More of a session's prompt that is being ingested under `key` (a Realtime turn before its request):
+        positions `first_position`.. with their ids, TMRoPE positions [3, n], content keys and thinker rows [n, H].
+        The talker prefills its full blocks into the session's prefix cache in idle rounds (the lowest-priority
+        work: never before a talker step or Code2Wav batch that can run), so the request's prefill finds them."""
+        self._send("ahead", key, session, first_position, token_ids, positions, content_keys, rows)
+
+    def cancel_ahead(self, key: str) -> None:
+        """Idempotent: nothing more of `key`'s prompt is prefilled ahead; blocks already cached stay cached."""
+        self._send("cancel_ahead", key)
+
     def shutdown(self) -> None:
         self._stopping = True
         self._send("stop")
@@ -205,9 +230,9 @@ class SpeechEngine:
                 self._fail_all(EngineFailure("the speech stage failed; this response's audio was lost"))
 
     def _step(self) -> bool:
-        """One round: commands in, one batch of work out. True once told to stop."""
+        """One round: commands in, one batch of work out, else a few blocks prefilled ahead. True once told to stop."""
         work = self._choose()
-        commands = self._drain(block=work is None)
+        commands = self._drain(block=work is None and self._next_ahead() is None)
         for command in commands:
             if command.name == "stop":
                 return True
@@ -216,10 +241,12 @@ class SpeechEngine:
             work = self._choose()  # the inputs changed
         if work is not None:
             self._do(*work)
+        elif (ahead := self._next_ahead()) is not None:
+            self._prefill_ahead(ahead)
         return False
 
     def _fail_all(self, error: Exception) -> None:
-        streams, self._streams, self._waiting = self._streams, {}, []
+        streams, self._streams, self._waiting, self._ahead = self._streams, {}, [], {}
         for stream in streams.values():
             try:
                 self.talker.free(stream.seq)
@@ -250,6 +277,9 @@ class SpeechEngine:
         if command.name == "forget":
             self.talker.forget(command.key)
             return
+        if command.name in ("ahead", "cancel_ahead"):
+            self._apply_ahead(command)
+            return
         if command.name == "open":
             self._streams[command.key] = stream = command.args[0]
             try:
@@ -276,6 +306,30 @@ class SpeechEngine:
                     self._drop(command.key)
         except Exception as error:  # bad input for one stream fails that stream only
             self._fail(command.key, error)
+
+    def _apply_ahead(self, command: _Command) -> None:
+        if command.name == "cancel_ahead":
+            self._ahead.pop(command.key, None)
+            return
+        session, *part = command.args
+        prompt = self._ahead.setdefault(command.key, AheadPrompt(command.key, session))
+        try:
+            prompt.extend(*part)
+        except ValueError:  # a stream with a gap: its prompt is not prefilled ahead (its request prefills it)
+            log.exception("prefilling %s ahead stopped", command.key)
+            del self._ahead[command.key]
+
+    def _next_ahead(self) -> AheadPrompt | None:
+        """The oldest prompt with full blocks not yet prefilled ahead."""
+        block_size = self.talker.blocks.block_size
+        return next((p for p in self._ahead.values() if p.num_done < p.num_blocks(block_size)), None)
+
+    def _prefill_ahead(self, prompt: AheadPrompt) -> None:
+        try:
+            self.talker.prefill_ahead(prompt, AHEAD_BLOCKS_PER_ROUND)
+        except Exception:  # only speed is lost: the request prefills what is not cached
+            log.exception("prefilling %s ahead failed", prompt.request_id)
+            del self._ahead[prompt.request_id]
 
     def _admit(self) -> None:
         """The most urgent waiting stream goes first once the pool can take its worst case; the ones behind

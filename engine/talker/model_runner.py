@@ -76,11 +76,29 @@ class ModelRunner:
         forward: logits [B, V]. With a cached prefix in the batch, every row attends over its blocks in the pool
         (where its new keys are written first), masked causally from its own start."""
         embeds, positions = [], []
-        starts = [seq.num_prefix_tokens for seq in seqs]
-        for seq, start in zip(seqs, starts, strict=True):
+        for seq in seqs:
             embeds.append(self._prefill_embeds(seq))
             pos, seq.rope_delta = talker_positions(seq.positions, len(seq.prompt_ids))
-            positions.append(pos[:, start:])
+            positions.append(pos[:, seq.num_prefix_tokens :])
+        hidden, lengths = self._prefill_forward(seqs, embeds, positions)
+        last = hidden[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self.model.codec_head(last).float()
+
+    def prefill_prompt(self, seq: TalkerSequence) -> None:
+        """The keys and values of a prompt-only sequence's prompt from its cached prefix on, into its blocks: no
+        voice or g0 row and no logits (the talker's prefill ahead). They are what `prefill` writes for those
+        positions: a prompt position's input is its row, its token and its position, and attention is causal."""
+        length = len(seq.prompt_ids)
+        positions, _ = talker_positions(seq.positions, length)
+        embeds = self._prompt_embeds(*seq.take_prompt())
+        self._prefill_forward([seq], [embeds], [positions[:, seq.num_prefix_tokens : length]])
+
+    def _prefill_forward(
+        self, seqs: list[TalkerSequence], embeds: list[torch.Tensor], positions: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """One forward of each sequence's new inputs (from its cached prefix on), right-padded: its keys and values
+        go to its blocks; the last-layer states [B, T, hidden] and each row's length."""
+        starts = [seq.num_prefix_tokens for seq in seqs]
         lengths = [len(e) for e in embeds]
         width = max(lengths)
         embeds_t = torch.stack([F.pad(e, (0, 0, 0, width - len(e))) for e in embeds])
@@ -93,10 +111,9 @@ class ModelRunner:
             ctx.block_tables = self._block_tables(seqs)
             ctx.mask = self._prefix_mask(starts, lengths, width, ctx.block_tables.shape[1])
         hidden = self.model(embeds_t, positions_t, self.pool, ctx)
-        last = hidden[torch.arange(len(seqs), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         for seq, start, n in zip(seqs, starts, lengths, strict=True):
             seq.num_cached = start + n
-        return self.model.codec_head(last).float()
+        return hidden, lengths
 
     def decode(self, seqs: list[TalkerSequence]) -> torch.Tensor:
         """One token of each sequence: E_codec(last code) + the text side; logits [B, V]."""
@@ -117,12 +134,15 @@ class ModelRunner:
 
     def _prefill_embeds(self, seq: TalkerSequence) -> torch.Tensor:
         c, codec = self.config, self.model.model.embed_tokens.weight
-        rows, ids = seq.take_prefill()  # from the cached prefix on
-        ids_t = torch.tensor(ids, device=self.device)
-        text = self.model.text_embed(ids_t).masked_fill(torch.isin(ids_t, self._multimodal_ids)[:, None], 0)
-        x = rows.to(self.device, text.dtype) + text  # rows P..L: the prompt after its cached prefix, then g0
+        x = self._prompt_embeds(*seq.take_prefill())  # rows P..L: the prompt after its cached prefix, then g0
         voice = self.model.text_embed.weight[self.speakers[seq.speaker]] + codec[c.codec_pad_id]
         return torch.cat([x[:-1], voice[None], (x[-1] + codec[c.codec_bos_id])[None]])
+
+    def _prompt_embeds(self, rows: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """h(x) + E'(x) of each row and its token: E' is zero for the audio, image and video placeholders."""
+        ids_t = torch.tensor(ids, device=self.device)
+        text = self.model.text_embed(ids_t).masked_fill(torch.isin(ids_t, self._multimodal_ids)[:, None], 0)
+        return rows.to(self.device, text.dtype) + text
 
     def _decode_inputs(self, seqs: list[TalkerSequence]) -> DecodeInputs:
         c = self.config

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from omnitalk.engine.talker.ahead import AheadPrompt
 from omnitalk.engine.talker.block_manager import BlockManager, block_hashes, num_blocks_for
 from omnitalk.engine.talker.model import TalkerModel
 from omnitalk.engine.talker.model_runner import ModelRunner, default_memory_gib, kv_bytes_per_token
@@ -44,6 +45,7 @@ class Talker:
         self._free_slots = list(range(max_seqs))  # a heap
         self.last_logits: torch.Tensor | None = None  # raw codec_head logits [B, V] of the last step's seqs
         self.num_cached_tokens = 0  # prompt positions prefills took from cached blocks instead of computing, ever
+        self.num_ahead_tokens = 0  # prompt positions prefilled ahead (`prefill_ahead`), ever
 
     @classmethod
     def from_checkpoint(
@@ -129,6 +131,32 @@ class Talker:
     def forget(self, session: str) -> None:
         """The session ended: its cached prompt blocks are dropped."""
         self.blocks.forget(session)
+
+    @torch.inference_mode()
+    def prefill_ahead(self, prompt: AheadPrompt, max_blocks: int) -> int:
+        """Prefills at most `max_blocks` of `prompt`'s full blocks past those cached into the session's prefix cache,
+        and returns how many it computed. They are held only while computed (a prompt-only sequence, no slot), then
+        stay cached, evictable, until a request of the session takes them. Computes nothing when the pool cannot
+        spare the blocks now (live streams come first). `prompt.num_done` becomes the blocks cached."""
+        hashes = prompt.hashes(self.blocks.block_size)
+        cached = len(self.blocks.cached_prefix(hashes))
+        end = min(len(hashes), cached + max_blocks)
+        num_tokens = end * self.blocks.block_size
+        if end == cached or not self.blocks.can_reserve(num_tokens, hashes[:end]):
+            prompt.num_done = len(hashes)  # nothing to compute, or no room: it waits for more of the prompt
+            return 0
+        seq = prompt.sequence(num_tokens)
+        seq.block_hashes = hashes[:end]
+        self.blocks.reserve(seq, num_tokens)
+        try:
+            self.blocks.append(seq, num_tokens)
+            self.runner.prefill_prompt(seq)
+            self.blocks.register(seq)
+        finally:
+            self.blocks.free(seq)
+        prompt.num_done = end
+        self.num_ahead_tokens += num_tokens - seq.num_prefix_tokens
+        return end - cached
 
     @torch.inference_mode()
     def step(self, seqs: list[TalkerSequence]) -> list[int | None]:

@@ -94,10 +94,20 @@ class TalkerSequence:
     def take_prefill(self) -> tuple[torch.Tensor, list[int]]:
         """Rows [L+1-P, H] of the prompt from P = num_prefix_tokens on and g0, with their token ids; the first P
         rows are dropped unread (their keys and values are cached)."""
-        start = self.num_prefix_tokens
-        for _ in self._read(start):
-            pass
+        start = self._skip_prefix()
         return self._take(len(self.prompt_ids) + 1 - start), [*self.prompt_ids[start:], self.tokens[0]]
+
+    def take_prompt(self) -> tuple[torch.Tensor, list[int]]:
+        """Rows [L-P, H] of the prompt from P = num_prefix_tokens on, with their token ids: the prefill of a
+        prompt-only sequence (the talker's prefill ahead), which has no g0."""
+        start = self._skip_prefix()
+        return self._take(len(self.prompt_ids) - start), self.prompt_ids[start:]
+
+    def _skip_prefix(self) -> int:
+        """Drops the rows of the cached prefix unread; returns its length."""
+        for _ in self._read(self.num_prefix_tokens):
+            pass
+        return self.num_prefix_tokens
 
     def take_decode(self, text_eos: int, text_pad: int) -> tuple[torch.Tensor | None, int]:
         """The text side of decode step j: (row [H] of g_j, g_j), or (None, text_eos / text_pad) once done."""

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from omnitalk.engine.request import Audio, Message, ThinkerRequest
+from omnitalk.engine.thinker.ahead import AheadFeed, ObservedQueue, TalkerAhead
 from omnitalk.engine.thinker.chunks import audio_chunk, prefill_params, same_messages, turn_prompt
 from omnitalk.engine.thinker.conversation import AUDIO_PLACEHOLDER, Recorder, SessionRows
 from omnitalk.engine.thinker.engine import (
@@ -70,11 +71,14 @@ class _Session:
     sent: int = 0  # blocks sent, those in flight included
     done: int = 0  # blocks whose chunk vLLM reported prefilled
     final_sent: bool = False
-    # A session-salted ingest's content keys of every position sent so far (None: salted alone, nothing recorded),
-    # the leading positions whose rows the stream holds already, and what vLLM served from its cache.
+    # A session-salted ingest's content keys and token ids of every position sent so far (keys None: salted alone,
+    # nothing recorded), the leading positions whose rows the stream holds already, and what vLLM served from its
+    # cache.
     keys: list[bytes] | None = None
+    ids: list[int] = field(default_factory=list)
     covered: int = 0
     cached: int = 0
+    feed: AheadFeed | None = None  # its prompt's rows to the talker as they arrive (prefilled ahead)
 
 
 class ThinkerIngest:
@@ -86,8 +90,12 @@ class ThinkerIngest:
     """
 
     def __init__(self, engine: ThinkerEngine, request_id: str, history: tuple[Message, ...], *,
-                 hidden_states: bool, listener: IngestListener | None = None, session: str | None = None):  # fmt: skip
+                 hidden_states: bool, listener: IngestListener | None = None, session: str | None = None,
+                 talker: TalkerAhead | None = None):  # fmt: skip
         self._engine = engine
+        # `talker`: where a session-salted ingest's prompt rows go as they arrive, prefilled ahead into the talker's
+        # cache of the session's prompt blocks (the speech engine); None: the talker prefills them with the answer.
+        self._talker = talker
         # `session`: the Realtime session whose state the turn reuses and extends (`ThinkerRequest.session`); its
         # salt, its stored rows in front, its content keys recorded, its rows stored at the answer's end.
         self._salt = session if hidden_states else None
@@ -95,6 +103,7 @@ class ThinkerIngest:
         # The head's content keys, computed by the first session that sent it: every restart sends the same head
         # under the same salt, so processing it again (the whole history's items hashed) would give the same keys.
         self._head_keys: list[bytes] | None = None
+        self._head_ids: list[int] = []
         self.request_id = request_id
         self._history = history
         self._hidden = hidden_states
@@ -123,6 +132,12 @@ class ThinkerIngest:
     def pushed_blocks(self) -> int:
         """Complete blocks of the new audio received so far."""
         return self._blocks.num_blocks
+
+    @property
+    def ahead_positions(self) -> int:
+        """Leading prompt positions of the current session handed to the talker to prefill ahead (0: none)."""
+        feed = self._session.feed if self._session is not None else None
+        return feed.num_passed_on if feed is not None else 0
 
     def _key(self, restart: int) -> str:
         """The session's own id in vLLM and the tap, one per restart: rows and outputs of an aborted session
@@ -154,7 +169,12 @@ class ThinkerIngest:
     def _open_session(self) -> None:
         """Submits a new session: the head, then (as soon as it is prefilled) every complete block so far."""
         engine = self._engine
-        session = _Session(self._key(self.restarts), asyncio.Queue(maxsize=2 * engine.max_model_len + 4))
+        key, size = self._key(self.restarts), 2 * engine.max_model_len + 4
+        if self._salt is not None and self._hidden and self._talker is not None:
+            feed = AheadFeed(self._talker, key, self._salt)
+            session = _Session(key, ObservedQueue(size, feed.observe), feed=feed)
+        else:
+            session = _Session(key, asyncio.Queue(maxsize=size))
         session.keys = [] if self._salt is not None else None
         engine._streams[session.key] = session.queue
         if self._hidden:
@@ -245,6 +265,8 @@ class ThinkerIngest:
             self._engine.sessions.clip_items(self._salt).put(request.messages[-1].content[0].samples, items)
         try:
             async for event in ordered(session.queue, self._hidden):
+                if isinstance(event, ThinkerStart) and session.feed is not None:
+                    session.feed.stop()  # the answer opens in the talker next: it prefills the rest itself
                 if recorder is not None:
                     recorder.add(event)
                     if isinstance(event, ThinkerDone):
@@ -281,6 +303,8 @@ class ThinkerIngest:
         prompt = audio_chunk(self._audio_token, rest, self._tail) if rest else {"prompt_token_ids": list(self._tail)}
         tapped = ThinkerRequest(session.key, request.messages, request.sampling, hidden_states=self._hidden)
         session.final_sent = True
+        if session.feed is not None:
+            session.feed.seal()  # the last chunk's rows are the answer's prefill
         self._send(session, prompt, blocks=0, sampling=_sampling_params(tapped))
         session.inputs.put_nowait(None)
 
@@ -290,21 +314,25 @@ class ThinkerIngest:
         while (item := await session.inputs.get()) is not None:
             if session.keys is not None:
                 first = not session.keys
-                session.keys = await self._keys(session, item.prompt)
+                await self._keys(session, item.prompt)
+                if session.feed is not None:
+                    session.feed.known(session.ids, session.keys)
                 if first:
                     stored = self._head_rows or self._engine.sessions.get(self._salt)
                     session.covered = put_covered(stored, session.keys, session.queue)
             yield item
 
-    async def _keys(self, session: _Session, prompt: dict[str, Any]) -> list[bytes]:
-        """`session.keys` continued by the chunk `prompt`'s (the head's: computed once per turn)."""
+    async def _keys(self, session: _Session, prompt: dict[str, Any]) -> None:
+        """`session.keys` and `session.ids` continued by the chunk `prompt`'s (the head's: computed once per turn)."""
         if not session.keys and self._head_keys is not None:
-            return self._head_keys
+            session.keys, session.ids = self._head_keys, list(self._head_ids)
+            return
         core = await processed(self._engine.llm, session.key, prompt, prefill_params(None))
         keys = keys_of(core, session.keys)
         if not session.keys:
-            self._head_keys = keys
-        return keys
+            self._head_keys, self._head_ids = keys, list(core.prompt_token_ids or ())
+        session.keys = keys
+        session.ids += core.prompt_token_ids or ()
 
     async def _run(self, session: _Session) -> None:
         queue = session.queue
@@ -357,6 +385,8 @@ class ThinkerIngest:
         self._engine._streams.pop(session.key, None)
         self._engine._tapped.discard(session.key)
         session.inputs.put_nowait(None)
+        if session.feed is not None:
+            session.feed.stop()
         if session.pump is not None:
             session.pump.cancel()
         if session.done and self._listener is not None:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from omnitalk.engine.omni import OmniEngine
 from omnitalk.engine.request import Message
-from omnitalk.engine.thinker.engine import ThinkerEngine, ThinkerInputError
+from omnitalk.engine.thinker.engine import ThinkerInputError
 from omnitalk.engine.thinker.streaming import ThinkerIngest
 from omnitalk.server.metrics import Metrics
 
@@ -100,7 +101,7 @@ class Progress:
 class Ingestion:
     """A Realtime session's streaming input: the turn being spoken, and a committed one waiting for its response."""
 
-    def __init__(self, engine: ThinkerEngine, enabled: bool, metrics: Metrics) -> None:
+    def __init__(self, engine: OmniEngine, enabled: bool, metrics: Metrics) -> None:
         self.engine, self.enabled = engine, enabled
         self._progress = Progress(metrics)
         self.turn: Turn | None = None
@@ -112,8 +113,7 @@ class Ingestion:
         `session`: the Realtime session whose state it reuses and extends (None: salted alone)."""
         await self.drop()
         await self._close_ready()
-        ingest = ThinkerIngest(self.engine, request_id, history, hidden_states=hidden, listener=self._progress,
-                               session=session)  # fmt: skip
+        ingest = self.engine.ingest(request_id, history, hidden_states=hidden, session=session, listener=self._progress)
         try:
             await ingest.start()
         except ThinkerInputError as error:  # the request sent at commit will say so; nothing is ingested

@@ -54,7 +54,7 @@ class Connection:
         self.outbox = Outbox(ws, state.metrics, self.settings.max_queued_bytes, self.settings.max_client_lag_s)
         self.transcriptions: set[asyncio.Task] = set()
         self.idle = False  # the session was closed for want of client events
-        self.ingestion = Ingestion(state.engine.thinker, self.settings.ingest_audio, state.metrics)
+        self.ingestion = Ingestion(state.engine, self.settings.ingest_audio, state.metrics)
 
     async def serve(self) -> None:
         writer = self.outbox.start()

@@ -3,56 +3,15 @@ full prefill does; cached blocks are shared by reference, evicted least recently
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
-from talker_inputs import AUDIO_ID, WIDTH, pool_gib
+from talker_inputs import Conversation, pool_gib, run
 
-from omnitalk.engine.talker import Talker, TalkerSampling, TalkerSequence
+from omnitalk.engine.talker import Talker, TalkerSequence
 from omnitalk.engine.talker.block_manager import BlockManager, block_hashes
 from omnitalk.engine.talker.runner import BLOCK_SIZE
 
 LOGITS_TOLERANCE = 1e-5  # cached prefix vs full prefill, fp32
-
-
-class Conversation:
-    """A session's thinker side, synthetic: a row, a content key and TMRoPE positions for every position, so that a
-    turn's prompt is any prefix of it (the rows of equal keys are equal, as the thinker's session rows are)."""
-
-    def __init__(self, name: str, length: int, seed: int) -> None:
-        self.rows = torch.randn(length, WIDTH, generator=torch.Generator().manual_seed(seed))
-        keys, previous = [], name.encode()
-        for i in range(length):
-            previous = hashlib.blake2b(previous + i.to_bytes(8, "little"), digest_size=16).digest()
-            keys.append(previous)
-        self.keys = tuple(keys)
-        t = torch.arange(length)
-        self.positions = torch.stack([t, t + (t // 7) % 3, t + t % 5])  # 3-D, as an image's: rope delta > 0
-
-    def turn(self, name: str, prompt_len: int, codes: int, session: str | None = "s") -> TalkerSequence:
-        """The talker's sequence of a turn with a `prompt_len` prompt; without a session, it is computed whole."""
-        keys = self.keys[:prompt_len] if session is not None else None
-        sampling = TalkerSampling(temperature=0.0, max_tokens=codes)
-        seq = TalkerSequence(name, [AUDIO_ID] * prompt_len, "Chelsie", sampling, self.positions[:, :prompt_len],
-                             session, keys)  # fmt: skip
-        seq.add_rows(0, self.rows[: prompt_len + codes])
-        seq.add_tokens(list(range(1000, 1001 + codes)))
-        seq.thinker_done()
-        return seq
-
-
-def run(talker: Talker, *seqs: TalkerSequence) -> list[torch.Tensor]:
-    """Adds `seqs` (those not added yet) and steps them together to the end; each one's logits, step by step."""
-    for seq in seqs:
-        if seq.slot is None:
-            talker.add(seq)
-    logits: list[list[torch.Tensor]] = [[] for _ in seqs]
-    while live := [(i, seq) for i, seq in enumerate(seqs) if not seq.finished]:
-        talker.step([seq for _, seq in live])
-        for row, (i, _) in enumerate(live):
-            logits[i].append(talker.last_logits[row])
-    return [torch.stack(rows) for rows in logits]
 
 
 @pytest.fixture

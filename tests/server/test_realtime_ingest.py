@@ -151,19 +151,52 @@ async def opened(ws, events, state) -> None:
     assert state.engine.thinker.num_open_streams == 1
 
 
+async def prefilled_ahead(state, before: int) -> bool:
+    """Polled: the talker has prefilled positions ahead since `before` (`Talker.num_ahead_tokens`)."""
+    for _ in range(400):
+        if state.engine.speech.talker.num_ahead_tokens > before:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def talker_released(state, cached: int) -> bool:
+    """Polled: no talker block is held or reserved (whatever was prefilled ahead, and every stream, let go), and
+    `cached` blocks are cached (the open sessions' prompt blocks, free to evict)."""
+    talker = state.engine.speech.talker
+    for _ in range(400):
+        if talker.num_free_tokens == talker.blocks.num_tokens and talker.blocks.num_cached_blocks == cached:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def ingest_opened(ws, events, state) -> None:
+    """The turn's ingest is open and the talker has prefilled some of its prompt ahead."""
+    ahead = state.engine.speech.talker.num_ahead_tokens
+    await opened(ws, events, state)
+    assert await prefilled_ahead(state, ahead)
+
+
 async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_nothing_open(server):
+    """Every stage lets the turn go: the thinker's requests, and the talker's blocks, which it prefilled ahead while
+    the turn was spoken. Those stay cached for the session, held by nothing, until the session ends."""
     url, state = server
+    talker = state.engine.speech.talker
+    baseline = talker.blocks.num_cached_blocks
     async with raw(url) as (ws, events):
         await send(ws, {"type": "session.update", "session": MANUAL})
         await events.until("session.updated")
         await append(ws, speech(2.5))
-        await opened(ws, events, state)
+        await ingest_opened(ws, events, state)
         await send(ws, {"type": "input_audio_buffer.clear"})
         await events.until("input_audio_buffer.cleared")
         assert await settled(state)
+        cached = talker.blocks.num_cached_blocks
+        assert cached > baseline and await talker_released(state, cached)
 
         await append(ws, speech(2.5))
-        await opened(ws, events, state)
+        await ingest_opened(ws, events, state)
         await send(ws, {"type": "input_audio_buffer.commit"})
         await events.until("conversation.item.done")
         await send(ws, {"type": "response.create", "response": {"max_output_tokens": 200}})
@@ -171,19 +204,49 @@ async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_not
         await send(ws, {"type": "response.cancel"})
         assert (await events.until("response.done"))[-1]["response"]["status"] == "cancelled"
         assert await settled(state)
+        assert await talker_released(state, talker.blocks.num_cached_blocks)
+    assert await talker_released(state, baseline)  # the session ended: its cached blocks went with it
 
     # A new session: a later turn of one with session_state on is not ingested (it reuses the session's state).
     async with raw(url) as (ws, events):
         await send(ws, {"type": "session.update", "session": MANUAL})
         await events.until("session.updated")
         await append(ws, speech(2.5))
-        await opened(ws, events, state)
+        await ingest_opened(ws, events, state)
     assert await settled(state)  # the client left mid-utterance
+    assert await talker_released(state, baseline)
 
     async with raw(url) as (ws, events):  # server VAD: a turn started, then the detector is replaced
         await append(ws, np.concatenate([silence(0.5), speech(2.0)]))
         await events.until("input_audio_buffer.speech_started")
-        await opened(ws, events, state)
+        await ingest_opened(ws, events, state)
         await send(ws, {"type": "session.update", "session": MANUAL})
         await events.until("session.updated")
         assert await settled(state)
+        assert await talker_released(state, talker.blocks.num_cached_blocks)
+    assert await talker_released(state, baseline)
+
+
+async def test_a_barge_in_and_a_false_start_leave_the_talker_nothing_held(server):
+    """Server VAD: the user speaks over an answer (the answer is cancelled, the new turn ingested and prefilled
+    ahead), and leaves before the turn ends (speech_started, no commit). Nothing stays held or cached."""
+    url, state = server
+    talker = state.engine.speech.talker
+    baseline = talker.blocks.num_cached_blocks
+    async with raw(url) as (ws, events):
+        vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
+        await send(ws, {"type": "session.update", "session": {**GREEDY, "audio": {"input": {"turn_detection": vad}}}})
+        await events.until("session.updated")
+        item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Tell me a story."}]}
+        await send(ws, {"type": "conversation.item.create", "item": item})
+        await send(ws, {"type": "response.create", "response": {"max_output_tokens": 200}})
+        await events.until("response.created")
+        ahead = talker.num_ahead_tokens
+        await append(ws, speech(2.5))  # no silence after it: the turn never ends
+        done = (await events.until("response.done"))[-1]["response"]
+        assert done["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+        await opened(ws, events, state)
+        assert await prefilled_ahead(state, ahead)
+        assert await talker_released(state, talker.blocks.num_cached_blocks)
+    assert await settled(state)
+    assert await talker_released(state, baseline)

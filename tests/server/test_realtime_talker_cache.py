@@ -13,6 +13,7 @@ from realtime_client import chunks, raw, speech
 
 MANUAL = {"type": "realtime", "temperature": 0.0, "max_output_tokens": 8, "audio": {"input": {"turn_detection": None}}}
 METRIC = "omnitalk:talker_cached_tokens_total"
+AHEAD = "omnitalk:talker_ahead_tokens_total"
 
 
 async def send(ws, event: dict) -> None:
@@ -37,10 +38,10 @@ async def session(url: str, talker) -> list[int]:
     return cached
 
 
-async def scraped(url: str) -> float:
+async def scraped(url: str, metric: str = METRIC) -> float:
     async with httpx.AsyncClient(base_url=url) as http:
         lines = (await http.get("/metrics")).text.splitlines()
-    return float(next(line.split()[-1] for line in lines if line.startswith(METRIC + " ")))
+    return float(next(line.split()[-1] for line in lines if line.startswith(metric + " ")))
 
 
 async def blocks_settle_at(talker, count: int) -> bool:
@@ -64,3 +65,16 @@ async def test_later_turns_reuse_the_talkers_blocks_which_go_with_the_session(om
     async with live_server(omni, off) as (off_url, _):
         cached_off = await session(off_url, talker)
     assert cached_off == [cached[2]] * 3 and talker.blocks.num_cached_blocks == blocks_before
+
+
+async def test_with_ingestion_each_turn_is_prefilled_ahead_and_counted(omni, settings):
+    """Ingested turns (the default): the talker prefills each turn's prompt blocks while it is spoken
+    (`omnitalk:talker_ahead_tokens` agrees), and every block goes with the session."""
+    talker = omni.speech.talker
+    blocks_before, ahead_before = talker.blocks.num_cached_blocks, talker.num_ahead_tokens
+    async with live_server(omni, settings) as (url, state):
+        cached = await session(url, talker)
+        assert talker.num_ahead_tokens > ahead_before and cached[0] < cached[1] < cached[2]
+        assert await scraped(url, AHEAD) == talker.num_ahead_tokens
+        assert await settled(state) and await blocks_settle_at(talker, blocks_before)
+    assert talker.num_free_tokens == talker.blocks.num_tokens
