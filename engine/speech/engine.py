@@ -18,7 +18,7 @@ from omnitalk.codecs.streaming import Code2WavStream, StreamingConfig
 from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.speech.config import SpeechConfig
 from omnitalk.engine.speech.policy import Candidate, Costs, PlaybackClock, Work, choose, talker_bound
-from omnitalk.engine.talker.ahead import AheadPrompt
+from omnitalk.engine.talker.ahead import AheadPrompt, PromptPart
 from omnitalk.engine.talker.runner import Talker
 from omnitalk.engine.talker.sampling import TalkerSampling
 from omnitalk.engine.talker.sequence import TalkerSequence
@@ -78,8 +78,8 @@ class _Stream:
 
 @dataclass(frozen=True, slots=True)
 class _Command:
-    name: str  # "open", "rows", "tokens", "thinker_done", "close", "forget", "ahead", "cancel_ahead", "reset_stats",
-    # "stop"
+    # "open", "rows", "tokens", "thinker_done", "close", "forget", "ahead", "cancel_ahead", "reset_stats", "stop"
+    name: str
     key: str = ""
     args: tuple = ()
 
@@ -184,21 +184,11 @@ class SpeechEngine:
         """The session ended: the talker drops its cached prompt blocks."""
         self._send("forget", session)
 
-    def prefill_ahead(
-        self,
-        key: str,
-        session: str,
-        first_position: int,
-        token_ids: list[int],
-        positions: torch.Tensor,
-        content_keys: tuple[bytes, ...],
-        rows: torch.Tensor,
-    ) -> None:
-        """More of a session's prompt that is being ingested under `key` (a Realtime turn before its request):
-        positions `first_position`.. with their ids, TMRoPE positions [3, n], content keys and thinker rows [n, H].
-        The talker prefills its full blocks into the session's prefix cache in idle rounds (the lowest-priority
-        work: never before a talker step or Code2Wav batch that can run), so the request's prefill finds them."""
-        self._send("ahead", key, session, first_position, token_ids, positions, content_keys, rows)
+    def prefill_ahead(self, key: str, session: str, part: PromptPart) -> None:
+        """More of a session's prompt that is being ingested under `key` (a Realtime turn before its request). The
+        talker prefills its full blocks into the session's prefix cache in idle rounds (the lowest-priority work:
+        never before a talker step or Code2Wav batch that can run), so the request's prefill finds them."""
+        self._send("ahead", key, session, part)
 
     def cancel_ahead(self, key: str) -> None:
         """Idempotent: nothing more of `key`'s prompt is prefilled ahead; blocks already cached stay cached."""
@@ -311,10 +301,10 @@ class SpeechEngine:
         if command.name == "cancel_ahead":
             self._ahead.pop(command.key, None)
             return
-        session, *part = command.args
+        session, part = command.args
         prompt = self._ahead.setdefault(command.key, AheadPrompt(command.key, session))
         try:
-            prompt.extend(*part)
+            prompt.extend(part)
         except ValueError:  # a stream with a gap: its prompt is not prefilled ahead (its request prefills it)
             log.exception("prefilling %s ahead stopped", command.key)
             del self._ahead[command.key]

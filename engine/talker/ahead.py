@@ -12,6 +12,24 @@ from omnitalk.engine.talker.positions import talker_positions
 from omnitalk.engine.talker.sequence import TalkerSequence
 
 
+@dataclass(frozen=True, slots=True)
+class PromptPart:
+    """Prompt positions `first_position`.. of a session's prompt: their token ids, TMRoPE positions [3, n], thinker
+    content keys and thinker rows [n, H]."""
+
+    first_position: int
+    token_ids: list[int]
+    positions: torch.Tensor
+    content_keys: tuple[bytes, ...]
+    rows: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n, rows = len(self.token_ids), self.rows
+        if len(self.content_keys) != n or tuple(self.positions.shape) != (3, n) or rows.ndim != 2 or len(rows) != n:
+            raise ValueError(f"{n} ids with {len(self.content_keys)} keys, positions {tuple(self.positions.shape)}, "
+                             f"rows {tuple(rows.shape)}")  # fmt: skip
+
+
 @dataclass(slots=True, eq=False)
 class AheadPrompt:
     """The leading positions of a session's prompt known so far: ids, content keys, TMRoPE positions and rows,
@@ -29,29 +47,17 @@ class AheadPrompt:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    def extend(
-        self,
-        first_position: int,
-        token_ids: list[int],
-        positions: torch.Tensor,
-        content_keys: tuple[bytes, ...],
-        rows: torch.Tensor,
-    ) -> None:
-        """Positions `first_position`.. : their ids, keys, positions [3, n] and rows [n, H]; ValueError on a gap or
-        on parts that disagree in length (positions already known are skipped)."""
-        n = len(token_ids)
-        if len(content_keys) != n or tuple(positions.shape) != (3, n) or rows.ndim != 2 or len(rows) != n:
-            raise ValueError(f"{n} ids with {len(content_keys)} keys, positions {tuple(positions.shape)}, "
-                             f"rows {tuple(rows.shape)}")  # fmt: skip
-        if first_position > self.num_tokens:
-            raise ValueError(f"prompt positions from {first_position}, but only {self.num_tokens} known")
-        skip = self.num_tokens - first_position
-        if skip >= n:
+    def extend(self, part: PromptPart) -> None:
+        """The positions of `part` not known yet; ValueError on a gap."""
+        if part.first_position > self.num_tokens:
+            raise ValueError(f"prompt positions from {part.first_position}, but only {self.num_tokens} known")
+        skip = self.num_tokens - part.first_position
+        if skip >= len(part.token_ids):
             return
-        self.token_ids += token_ids[skip:]
-        self.content_keys += content_keys[skip:]
-        self._positions.append(positions[:, skip:])
-        self._rows.append(rows[skip:])
+        self.token_ids += part.token_ids[skip:]
+        self.content_keys += part.content_keys[skip:]
+        self._positions.append(part.positions[:, skip:])
+        self._rows.append(part.rows[skip:])
 
     def num_blocks(self, block_size: int) -> int:
         return self.num_tokens // block_size

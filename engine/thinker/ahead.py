@@ -9,28 +9,23 @@ TMRoPE positions, token id and content key are all known, in order from position
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from omnitalk.engine.talker.ahead import PromptPart
 from omnitalk.engine.thinker.events import HiddenStates
 from omnitalk.engine.thinker.ordering import Arrived, Positions
+
+log = logging.getLogger(__name__)
 
 
 class TalkerAhead(Protocol):
     """Where an ingested prompt's positions go: `SpeechEngine.prefill_ahead` and `cancel_ahead`."""
 
-    def prefill_ahead(
-        self,
-        key: str,
-        session: str,
-        first_position: int,
-        token_ids: list[int],
-        positions: torch.Tensor,
-        content_keys: tuple[bytes, ...],
-        rows: torch.Tensor,
-    ) -> None: ...
+    def prefill_ahead(self, key: str, session: str, part: PromptPart) -> None: ...
 
     def cancel_ahead(self, key: str) -> None: ...
 
@@ -103,16 +98,24 @@ class AheadFeed:
         self._num_rows += len(rows.rows) - skip
 
     def _pass_on(self) -> None:
-        """Every position up to the first whose row, position, id or key is still missing."""
+        """Every position up to the first whose row, position, id or key is still missing. It runs inside the row
+        receiver's callback, so nothing may escape: on any error the feed is sealed (the answer prefills the rest)."""
         if self._sealed or self._positions is None:
             return
+        try:
+            self._hand_over()
+        except Exception:
+            log.exception("passing %s on to the talker failed; it prefills the rest with the answer", self._key)
+            self.seal()
+
+    def _hand_over(self) -> None:
         end = min(self._num_rows, len(self._keys), len(self._ids), self._positions.shape[1])
         while self._rows and self._sent < end:
             first, rows = self._sent, self._rows[0].rows
             stop = min(first + len(rows), end)
-            ids, keys = self._ids[first:stop], tuple(self._keys[first:stop])
-            positions = self._positions[:, first:stop]
-            self._talker.prefill_ahead(self._key, self._session, first, ids, positions, keys, rows[: stop - first])
+            ids, keys, positions = self._ids[first:stop], tuple(self._keys[first:stop]), self._positions[:, first:stop]
+            part = PromptPart(first, ids, positions, keys, rows[: stop - first])
+            self._talker.prefill_ahead(self._key, self._session, part)
             self._sent = stop
             if stop - first == len(rows):
                 self._rows.pop(0)

@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 from oracle import SYSTEM_PROMPT, Reference, ReferenceOutput
-from talker_inputs import Conversation, pool_gib, run, synthetic
+from talker_inputs import AUDIO_ID, Conversation, pool_gib, run, synthetic
 from thinker_cases import tone
 
 from omnitalk.codecs.code2wav import Code2Wav
 from omnitalk.engine.speech.engine import AudioChunk, SpeechEngine
 from omnitalk.engine.talker import Talker, TalkerSampling, TalkerSequence
-from omnitalk.engine.talker.ahead import AheadPrompt
+from omnitalk.engine.talker.ahead import AheadPrompt, PromptPart
 from omnitalk.engine.talker.runner import BLOCK_SIZE
 from omnitalk.engine.thinker.conversation import extend_keys
 
@@ -41,6 +41,12 @@ def talker(tiny_dir) -> Talker:
     return Talker.from_checkpoint(tiny_dir, max_seqs=4, memory_gib=pool_gib(8192))
 
 
+def part(conv: Conversation, start: int, end: int) -> PromptPart:
+    """Positions start..end-1 of a synthetic conversation (audio placeholders: their rows are the whole input)."""
+    return PromptPart(start, [AUDIO_ID] * (end - start), conv.positions[:, start:end], conv.keys[start:end],
+                      conv.rows[start:end])  # fmt: skip
+
+
 def streamed_ahead(talker: Talker, ids, keys, positions, rows, known: int, pieces: list[int]) -> AheadPrompt:
     """The first `known` positions streamed in `pieces` (sizes; repeated over), one ahead round of one block after
     each piece, then rounds until nothing is left: as the speech engine's idle rounds do."""
@@ -48,7 +54,7 @@ def streamed_ahead(talker: Talker, ids, keys, positions, rows, known: int, piece
     first, k = 0, 0
     while first < known:
         end = min(known, first + pieces[k % len(pieces)])
-        ahead.extend(first, ids[first:end], positions[:, first:end], keys[first:end], rows[first:end])
+        ahead.extend(PromptPart(first, ids[first:end], positions[:, first:end], keys[first:end], rows[first:end]))
         talker.prefill_ahead(ahead, max_blocks=1)
         first, k = end, k + 1
     while ahead.num_done < ahead.num_blocks(BLOCK_SIZE):
@@ -97,11 +103,10 @@ def test_ahead_over_a_cached_history_with_3d_positions_and_a_whole_number_of_blo
     prefilled ahead past it, a round at a time, and the answer takes all 6 blocks and speaks as a full prefill."""
     conv = Conversation("conv", 400, 11)
     run(talker, conv.turn("t1", 100, 4))  # 3 blocks cached
-    rows = conv.rows
     ahead = AheadPrompt("ingest", "s")
-    ahead.extend(0, [151646] * 150, conv.positions[:, :150], conv.keys[:150], rows[:150])
+    ahead.extend(part(conv, 0, 150))
     assert talker.prefill_ahead(ahead, max_blocks=1) == 1 and ahead.num_done == 4
-    ahead.extend(120, [151646] * 72, conv.positions[:, 120:192], conv.keys[120:192], rows[120:192])  # 30 known again
+    ahead.extend(part(conv, 120, 192))  # 30 of them known already
     assert ahead.num_tokens == 192
     assert talker.prefill_ahead(ahead, max_blocks=4) == 2 and ahead.num_done == 6
     assert talker.prefill_ahead(ahead, max_blocks=4) == 0 and talker.num_ahead_tokens == 3 * BLOCK_SIZE
@@ -119,15 +124,15 @@ def test_ahead_takes_no_blocks_live_streams_need_and_checks_its_input(tiny_dir):
     live = conv.turn("live", 100, 150, session=None)  # reserves 251 tokens: all 8 blocks
     talker.add(live)
     ahead = AheadPrompt("ingest", "s")
-    ahead.extend(0, [151646] * 64, conv.positions[:, :64], conv.keys[:64], conv.rows[:64])
+    ahead.extend(part(conv, 0, 64))
     assert talker.prefill_ahead(ahead, max_blocks=2) == 0 and ahead.num_done == 2  # waits for more of the prompt
     talker.free(live)
-    ahead.extend(64, [151646] * 32, conv.positions[:, 64:96], conv.keys[64:96], conv.rows[64:96])
+    ahead.extend(part(conv, 64, 96))
     assert talker.prefill_ahead(ahead, max_blocks=8) == 3 and talker.blocks.num_cached_blocks == 3
     with pytest.raises(ValueError, match="only 96 known"):
-        ahead.extend(100, [1], conv.positions[:, :1], conv.keys[:1], conv.rows[:1])
+        ahead.extend(part(conv, 100, 101))
     with pytest.raises(ValueError, match="2 ids with 1 keys"):
-        ahead.extend(96, [1, 2], conv.positions[:, :2], conv.keys[:1], conv.rows[:2])
+        PromptPart(96, [1, 2], conv.positions[:, :2], conv.keys[:1], conv.rows[:2])
     assert talker.num_free_tokens == talker.blocks.num_tokens
 
 
@@ -154,7 +159,7 @@ def test_the_speech_engine_prefills_ahead_only_when_no_stream_can_progress(tiny_
         engine.thinker_done("live")
         conv, other = Conversation("conv", 300, 13), Conversation("other", 300, 14)
         for key, session, c in [("cancelled", "gone", other), ("kept", "s", conv)]:
-            engine.prefill_ahead(key, session, 0, [151646] * 100, c.positions[:, :100], c.keys[:100], c.rows[:100])
+            engine.prefill_ahead(key, session, part(c, 0, 100))
         engine.cancel_ahead("cancelled")
         assert done.wait(timeout=120)
         for _ in range(200):  # polled: the speech thread prefills once idle
