@@ -241,17 +241,18 @@ async def main(args: argparse.Namespace) -> None:
     )
     print(table, goal, sep="\n\n")
     if not args.no_doc:
-        update_doc(table, goal, args)
+        update_doc(table, goal, args, len(speech.code2wav.workers))
 
 
-def update_doc(table: str, goal: str, args: argparse.Namespace) -> None:
+def update_doc(table: str, goal: str, args: argparse.Namespace, workers: int) -> None:
     mask = "without" if args.plain_transformers else "with"
     section = f"""{TITLE}
 `benchmarks/speech.py` runs the same spoken requests through `OmniEngine` and through transformers'
 `Qwen2_5OmniForConditionalGeneration.generate` (fp32, CPU, {args.threads} torch thread(s), same process, alternating
 which goes first; {mask} the talker attention-mask fix of `tests/oracle.py`, as in our parity tests), then
 N concurrent ~{args.codes[0] / CODES_PER_S:.0f} s answers through `OmniEngine` (distinct talker seeds); ours with
-Code2Wav's `{args.ode_solver}` solver and a {args.first_chunk_codes}-code first chunk. Answer length
+Code2Wav's `{args.ode_solver}` solver, a {args.first_chunk_codes}-code first chunk and {workers} Code2Wav worker
+process(es). Answer length
 is set by the talker's `max_tokens` (50 codes per second of audio); the thinker gets {thinker_tokens(args.codes[0])} to
 {thinker_tokens(args.codes[-1])} tokens, greedy; talker sampling is seeded alike on both sides. Comparison rows are
 medians of {args.rounds} runs; each load row is the batch with the median wall time of {args.rounds}. The
