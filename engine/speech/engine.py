@@ -108,7 +108,7 @@ class SpeechEngine:
         """`max_seq_len` bounds each stream's prompt + 2 + codes: the thinker's context window (None: the
         talker's own, max_position_embeddings). The talker (weights and KV pool) and Code2Wav take the
         config's dtype."""
-        device, dtype = config.torch_device(), config.torch_dtype()
+        device, dtype, workers = config.torch_device(), config.torch_dtype(), config.num_code2wav_workers()
         if device.type == "cuda":
             # fp32 matmuls and convolutions may use TF32 (10-bit mantissas, still finer than bf16); the
             # thinker runs in vLLM's own processes, which this does not touch.
@@ -126,6 +126,7 @@ class SpeechEngine:
         code2wav = Code2Wav.from_checkpoint(
             path, device=device, config=streaming_config(config), dtype=dtype, enforce_eager=config.enforce_eager
         )
+        code2wav.start_workers(workers)
         return cls(talker, code2wav, max_batch=config.max_streams)
 
     @property
@@ -198,6 +199,7 @@ class SpeechEngine:
         self._stopping = True
         self._send("stop")
         self._thread.join(timeout=10)
+        self.code2wav.close()
 
     def _send(self, name: str, key: str = "", *args: object) -> None:
         self._inbox.put(_Command(name, key, args))

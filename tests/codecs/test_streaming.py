@@ -31,11 +31,11 @@ class CapturingCode2Wav(Code2Wav):
 
     emitted: dict[int, list[torch.Tensor]]
 
-    def _decode_mel(self, active):
-        mels = super()._decode_mel(active)
-        for (stream, _), mel in zip(active, mels, strict=True):
+    def _decode_rows(self, active):
+        rows = super()._decode_rows(active)
+        for (stream, _), (mel, _) in zip(active, rows, strict=True):
             self.emitted.setdefault(id(stream), []).append(mel)
-        return mels
+        return rows
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,24 @@ def test_auto_follows_the_machine():
         (lambda: SpeechConfig(device="gpu0").torch_device(), "not a device name"),
         (lambda: SpeechConfig(device="mps").torch_device(), "runs on cpu or cuda"),
         (lambda: SpeechConfig(device=f"cuda:{torch.cuda.device_count()}").torch_device(), "cuda"),
+        (lambda: SpeechConfig(code2wav_workers=-1), "code2wav_workers"),
     ],
 )
 def test_devices_and_dtypes_this_machine_lacks_are_refused(config, words):
     with pytest.raises(ValueError, match=words):
         config()
+
+
+def test_code2wav_workers_default_to_one_on_a_multi_core_cpu_and_none_on_a_gpu(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert SpeechConfig(device="cpu").num_code2wav_workers() == 1
+    assert SpeechConfig(device="cpu", code2wav_workers=0).num_code2wav_workers() == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert SpeechConfig(device="cpu").num_code2wav_workers() == 0
+    if torch.cuda.is_available():
+        assert SpeechConfig(device="cuda:0").num_code2wav_workers() == 0
+        with pytest.raises(ValueError, match="on the CPU"):
+            SpeechConfig(device="cuda:0", code2wav_workers=1).num_code2wav_workers()
 
 
 def test_a_bf16_talker_speaks_float32_audio(tiny_dir):
