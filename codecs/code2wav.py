@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,8 +32,13 @@ from omnitalk.codecs.streaming import (
 )
 from omnitalk.codecs.workers import Chunks, Code2WavWorker, WorkerDied
 
+log = logging.getLogger(__name__)
+
 DIT_PREFIX = "token2wav.code2wav_dit_model."
 VOCODER_PREFIX = "token2wav.code2wav_bigvgan_model."
+# A thread's share of a batch split with workers, relative to a worker's: on the CPU the talker's steps, which
+# run in the thread while the workers decode, are about a quarter of the speech stage's work.
+THREAD_WEIGHT = 0.75
 # transformers' Qwen2_5OmniDiTConfig / Qwen2_5OmniBigVGANConfig defaults, for keys a config.json leaves out.
 DIT_DEFAULTS: dict[str, Any] = {
     "hidden_size": 1024, "num_hidden_layers": 22, "num_attention_heads": 16, "ff_mult": 2, "emb_dim": 512,
@@ -52,6 +59,20 @@ class Speaker:
     cond: torch.Tensor  # [1, enc_emb_dim] x-vector
     spk: torch.Tensor  # [1, enc_dim] ECAPA of the speaker's reference mel
     null_spk: torch.Tensor  # [1, enc_dim] ECAPA of a zero mel of the same shape (the unconditional branch)
+
+
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """Rows of a `start_decode` left running in a worker; `Code2Wav.collect` gives their audio."""
+
+    worker: Code2WavWorker
+    rows: list[tuple[Code2WavStream, ChunkPlan]]
+    indices: list[int]  # the rows' places in the list `start_decode` was given
+
+    @property
+    def ready(self) -> bool:
+        """Whether the worker has answered, so that `collect` will not wait."""
+        return self.worker.has_answered()
 
 
 class Code2Wav:
@@ -177,19 +198,77 @@ class Code2Wav:
     @torch.no_grad()
     def decode(self, streams: Sequence[Code2WavStream]) -> list[np.ndarray]:
         """The next audio chunk (float32, 24 kHz) of each stream, decoded as one batch; empty if not ready."""
+        audio, offloads = self.start_decode(streams)
+        failure: Exception | None = None
+        for offload in offloads:  # every one is collected, so no worker is left holding a stale answer
+            try:
+                for i, chunk in zip(offload.indices, self.collect(offload), strict=True):
+                    audio[i] = chunk
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        return audio
+
+    @torch.no_grad()
+    def start_decode(self, streams: Sequence[Code2WavStream]) -> tuple[list[np.ndarray], list[Offload]]:
+        """`decode` with the workers' shares left running: the audio of this thread's share (empty for the other
+        rows and for streams not ready), and one `Offload` per worker given rows, for `collect`.
+
+        The rows go to the idle workers and this thread (`shares`). Until collected, an offloaded stream is
+        `decoding`: not ready, so that its next chunk waits for this one.
+        """
         if len({id(stream) for stream in streams}) < len(streams):
             raise ValueError("a stream is listed twice")
         plans = [plan_next(stream, self.config) for stream in streams]
         rows = [i for i, plan in enumerate(plans) if plan is not None]
         audio = [np.zeros(0, dtype=np.float32) for _ in streams]
         if not rows:
-            return audio
-        active = [(streams[i], plans[i]) for i in rows]
-        for i, (stream, plan), (mel, wav) in zip(rows, active, self._decode_rows(active), strict=True):
-            chunk = wav[plan.trim_left : wav.shape[0] - plan.trim_right]
-            advance(stream, plan, mel, chunk.shape[0], self.config)
-            audio[i] = chunk.cpu().numpy()
-        return audio
+            return audio, []
+        idle = [worker for worker in self.workers if not worker.busy]
+        mine, *theirs = [rows[a:b] for a, b in shares(len(rows), len(idle))]
+        offloads = []
+        for worker, indices in zip(idle, theirs, strict=False):
+            active = [(streams[i], plans[i]) for i in indices]
+            try:
+                worker.submit(self._chunks(active))
+            except WorkerDied:  # it held nothing: its rows run here, and a fresh worker takes later batches
+                log.warning("a Code2Wav worker (pid %s) was gone; starting another", worker.pid)
+                self._replace(worker)
+                mine += indices
+                continue
+            self.dit_calls += dit_calls(self.config.solver, self.config.num_steps)
+            for stream, _ in active:
+                stream.decoding = True
+            offloads.append(Offload(worker, active, indices))
+        if mine:
+            active = [(streams[i], plans[i]) for i in mine]
+            try:
+                outputs = self.run_chunks(self._chunks(active))
+            except Exception:
+                for offload in offloads:  # the whole batch fails; its workers are freed first
+                    with contextlib.suppress(Exception):
+                        self.collect(offload)
+                raise
+            for i, chunk in zip(mine, self._emit(active, *outputs), strict=True):
+                audio[i] = chunk
+        return audio, offloads
+
+    def collect(self, offload: Offload) -> list[np.ndarray]:
+        """The audio of an offload's rows, in order (waits for the worker). If the worker failed, its error is
+        raised (WorkerDied: it is replaced by a fresh one); either way its streams are no longer decoding."""
+        for stream, _ in offload.rows:
+            stream.decoding = False
+        try:
+            mels, wavs = offload.worker.result()
+        except WorkerDied:
+            self._replace(offload.worker)
+            raise
+        return self._emit(offload.rows, mels, wavs)
+
+    def _replace(self, worker: Code2WavWorker) -> None:
+        worker.close()
+        self.workers = [self._spawn_worker() if w is worker else w for w in self.workers]
 
     def close(self) -> None:
         """Stops the worker processes (idempotent); decoding goes on in the calling thread."""
@@ -197,28 +276,16 @@ class Code2Wav:
         for worker in workers:
             worker.close()
 
-    def _decode_rows(self, active: list[tuple[Code2WavStream, ChunkPlan]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each row's new mel [n, 80] (fp32) and untrimmed waveform: the first share of the rows in this thread,
-        the others' in the workers at the same time (`split_rows`)."""
-        parts = [active[a:b] for a, b in split_rows(len(active), 1 + len(self.workers))]
-        workers = self.workers[: len(parts) - 1]
-        self.dit_calls += len(workers) * dit_calls(self.config.solver, self.config.num_steps)  # theirs
-        for worker, part in zip(workers, parts[1:], strict=True):
-            worker.submit(self._chunks(part))
-        outputs = [self.run_chunks(self._chunks(parts[0]))]
-        failure: Exception | None = None
-        for i, worker in enumerate(workers):
-            try:
-                outputs.append(worker.result())
-            except WorkerDied as error:  # this batch fails; a fresh worker takes the next batches' share
-                worker.close()
-                self.workers[i] = self._spawn_worker()
-                failure = failure or error
-            except Exception as error:  # every worker's answer is read, so none is left holding a stale one
-                failure = failure or error
-        if failure is not None:
-            raise failure
-        return [(mel, wav) for mels, wavs in outputs for mel, wav in zip(mels, wavs, strict=True)]
+    def _emit(
+        self, active: list[tuple[Code2WavStream, ChunkPlan]], mels: list[torch.Tensor], wavs: list[torch.Tensor]
+    ) -> list[np.ndarray]:
+        """Each row's chunk of audio, its overlap trimmed, with its stream advanced past it."""
+        audio = []
+        for (stream, plan), mel, wav in zip(active, mels, wavs, strict=True):
+            chunk = wav[plan.trim_left : wav.shape[0] - plan.trim_right]
+            advance(stream, plan, mel, chunk.shape[0], self.config)
+            audio.append(chunk.cpu().numpy())
+        return audio
 
     def _chunks(self, active: list[tuple[Code2WavStream, ChunkPlan]]) -> Chunks:
         """The rows' windows of codes and noise, their emitted range and their vocoder context."""
@@ -334,11 +401,14 @@ class Code2Wav:
         return self.speakers[name]
 
 
-def split_rows(rows: int, parts: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of `rows` rows in at most `parts` shares whose sizes differ by at most one, the
-    first (the calling thread's, which also prepares and collects every share) never the largest."""
-    parts = min(parts, rows)
-    sizes = [rows // parts + (i >= parts - rows % parts) for i in range(parts)]
+def shares(rows: int, workers: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of `rows` rows: the calling thread's first, then one per worker that gets any.
+
+    The workers' shares are near-equal; the thread's is `THREAD_WEIGHT` of an equal share, rounded down
+    (none for a single row), because the thread also steps the talker while the workers decode."""
+    mine = int(rows / (workers + 1) * THREAD_WEIGHT) if workers else rows
+    rest, parts = rows - mine, min(workers, rows - mine)
+    sizes = [mine] + [rest // parts + (i < rest % parts) for i in range(parts)]
     return list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
 
 

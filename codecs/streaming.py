@@ -113,6 +113,7 @@ class Code2WavStream:
     chunks_done: int = 0
     mel_tail: torch.Tensor | None = None  # last 2 * overlap_mel emitted mel frames [n, 80]: vocoder context
     samples_emitted: int = 0
+    decoding: bool = False  # its next chunk is being decoded in a worker (`Code2Wav.start_decode`)
 
     def push(self, codes: list[int]) -> None:
         if self.finished:
@@ -146,11 +147,14 @@ class ChunkPlan:
 
 
 def plan_next(stream: Code2WavStream, config: StreamingConfig) -> ChunkPlan | None:
-    """The stream's next chunk, or None when it is not ready (too few codes and not finished, or done).
+    """The stream's next chunk, or None when it is not ready (too few codes and not finished, done, or its
+    chunk before still decoding).
 
     A chunk whose codes suffice is never final, even after finish: the chunk boundaries, and so the audio,
     depend on the codes alone, not on how they arrived.
     """
+    if stream.decoding:
+        return None
     k, total = stream.chunks_done, len(stream.codes) * MEL_PER_CODE
     start, end = config.boundary(k), config.boundary(k + 1)
     future = config.future(k)

@@ -50,6 +50,7 @@ class Code2WavWorker:
         self._process.start()
         child.close()
         self._ready = False
+        self.busy = False  # a batch was submitted and its result not read yet
 
     def wait_ready(self) -> None:
         """Returns once the process has loaded its copy (the first `submit` waits for it otherwise)."""
@@ -66,14 +67,25 @@ class Code2WavWorker:
         return self._process.pid
 
     def submit(self, chunks: Chunks) -> None:
+        if self.busy:
+            raise RuntimeError("a Code2Wav worker takes one batch at a time")
         self.wait_ready()
         try:
             self._conn.send(chunks)
         except (OSError, EOFError) as error:
             raise WorkerDied(f"the Code2Wav worker (pid {self.pid}) is gone: {error}") from None
+        self.busy = True
+
+    def has_answered(self) -> bool:
+        """Whether `result` would return (or raise) without waiting."""
+        try:
+            return self._conn.poll()
+        except (OSError, EOFError):
+            return True  # gone: `result` raises WorkerDied at once
 
     def result(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The submitted rows' (mels, waveforms); the worker's own error, or WorkerDied, if it failed."""
+        self.busy = False
         try:
             ok, value = self._conn.recv()
         except (OSError, EOFError):

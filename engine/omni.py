@@ -80,10 +80,12 @@ class EngineConfig:
 
 def check_startup(config: EngineConfig) -> None:
     """What can be refused before any engine process starts, each with a one-line ValueError: a missing
-    checkpoint, a speech device or dtype this machine lacks, more GPUs than it has, an unsupported runner."""
+    checkpoint, a speech device or dtype this machine lacks, Code2Wav workers on a GPU, more GPUs than it has, an
+    unsupported runner."""
     if not (config.thinker.model / "config.json").is_file():
         raise ValueError(f"{config.thinker.model} is not a Hugging Face checkpoint directory (no config.json)")
     config.speech.torch_dtype()  # resolves, and so checks, the device too
+    config.speech.num_code2wav_workers()  # refuses workers for a speech stage on a GPU
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and (tp := config.thinker.tensor_parallel_size) > gpus:
         raise ValueError(f"tensor_parallel_size {tp} needs more GPUs than the {gpus} visible")

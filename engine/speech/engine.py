@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnitalk.codecs.code2wav import Code2Wav
+from omnitalk.codecs.code2wav import Code2Wav, Offload
 from omnitalk.codecs.streaming import Code2WavStream, StreamingConfig
 from omnitalk.engine.failure import EngineFailure
 from omnitalk.engine.speech.config import SpeechConfig
@@ -50,6 +50,7 @@ class SpeechStats:
     talker_steps: int = 0
     code2wav_batches: int = 0
     code2wav_rows: int = 0
+    code2wav_offloaded_rows: int = 0  # of code2wav_rows, those decoded in Code2Wav worker processes
     dit_calls: int = 0
     worst_talker_wait_s: float = 0.0  # longest a talker-bound stream (policy.talker_bound) waited for a step
 
@@ -57,6 +58,8 @@ class SpeechStats:
 COST_EMA = 0.3  # weight of the newest measurement in the predicted costs (Code2Wav per row, talker step)
 # Talker blocks one idle round prefills ahead (32 positions each): the most a live stream's next step can wait on it.
 AHEAD_BLOCKS_PER_ROUND = 4
+# How often an otherwise idle speech thread looks for a Code2Wav worker's answer (the inbox wakes it sooner).
+OFFLOAD_POLL_S = 0.002
 
 
 def streaming_config(config: SpeechConfig) -> StreamingConfig:
@@ -95,6 +98,7 @@ class SpeechEngine:
         self._streams: dict[str, _Stream] = {}
         self._waiting: list[str] = []  # opened, not yet in the talker (admitted by deadline, none overtaking)
         self._ahead: dict[str, AheadPrompt] = {}  # prompts being ingested, prefilled ahead in idle rounds
+        self._offloads: list[tuple[Offload, list[str]]] = []  # Code2Wav rows decoding in workers, and their keys
         self._stats = SpeechStats()
         self._talker_wait_from: float | None = None  # since when a talker-bound stream waits for a step
         self._costs = Costs()  # predicted from measured batches and steps
@@ -222,9 +226,12 @@ class SpeechEngine:
                 self._fail_all(EngineFailure("the speech stage failed; this response's audio was lost"))
 
     def _step(self) -> bool:
-        """One round: commands in, one batch of work out, else a few blocks prefilled ahead. True once told to stop."""
+        """One round: workers' audio and commands in, one batch of work out, else a few blocks prefilled ahead.
+        True once told to stop."""
+        self._collect(wait=False)
         work = self._choose()
-        commands = self._drain(block=work is None and self._next_ahead() is None)
+        idle = work is None and self._next_ahead() is None
+        commands = self._drain(block=idle, timeout=OFFLOAD_POLL_S if self._offloads else None)
         for command in commands:
             if command.name == "stop":
                 return True
@@ -239,6 +246,7 @@ class SpeechEngine:
 
     def _fail_all(self, error: Exception) -> None:
         streams, self._streams, self._waiting, self._ahead = self._streams, {}, [], {}
+        self._collect(wait=True)  # frees the workers; the streams are gone, so their audio is dropped
         for stream in streams.values():
             try:
                 self.talker.free(stream.seq)
@@ -253,8 +261,13 @@ class SpeechEngine:
         waited = 0.0 if self._talker_wait_from is None else now - self._talker_wait_from
         return choose(candidates, self.max_batch, now, self._costs, waited)
 
-    def _drain(self, block: bool) -> list[_Command]:
-        commands = [self._inbox.get()] if block else []
+    def _drain(self, block: bool, timeout: float | None = None) -> list[_Command]:
+        commands = []
+        if block:
+            try:
+                commands.append(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                return commands
         try:
             while True:
                 commands.append(self._inbox.get_nowait())
@@ -364,18 +377,42 @@ class SpeechEngine:
                     self._after_talker(stream)
                 self._admit()
             else:
-                chunks = self.code2wav.decode([s.audio for s in streams])
+                chunks, offloads = self.code2wav.start_decode([s.audio for s in streams])
                 now = self._now()
-                self._count_code2wav(len(keys), now - started)
-                for key, stream, samples in zip(keys, streams, chunks, strict=True):
-                    if len(samples):
-                        stream.sink(AudioChunk(stream.clock.samples_sent, samples))
-                        stream.clock.sent(len(samples), now)
-                    self._finish_if_done(key, stream)
+                offloaded = {i for offload in offloads for i in offload.indices}
+                self._count_code2wav(len(keys), len(keys) - len(offloaded), now - started)
+                self._offloads += [(offload, [keys[i] for i in offload.indices]) for offload in offloads]
+                rows = zip(keys, streams, chunks, strict=True)
+                self._send_audio([row for i, row in enumerate(rows) if i not in offloaded])
         except Exception as error:
             log.exception("speech %s failed for %s", work.name, keys)
             for key in keys:
                 self._fail(key, error)
+
+    def _collect(self, wait: bool) -> None:
+        """The audio of the Code2Wav rows whose workers have answered (of all of them, waiting, with `wait`)."""
+        pending, self._offloads = self._offloads, []
+        for offload, keys in pending:
+            if not (wait or offload.ready):
+                self._offloads.append((offload, keys))
+                continue
+            try:
+                chunks = self.code2wav.collect(offload)
+            except Exception as error:
+                log.exception("a Code2Wav worker failed for %s", keys)
+                for key in keys:
+                    self._fail(key, error)
+                continue
+            rows = [(key, self._streams.get(key), chunk) for key, chunk in zip(keys, chunks, strict=True)]
+            self._send_audio([(k, s, c) for k, s, c in rows if s is not None])  # closed meanwhile: dropped
+
+    def _send_audio(self, chunks: list[tuple[str, _Stream, np.ndarray]]) -> None:
+        now = self._now()
+        for key, stream, samples in chunks:
+            if len(samples):
+                stream.sink(AudioChunk(stream.clock.samples_sent, samples))
+                stream.clock.sent(len(samples), now)
+            self._finish_if_done(key, stream)
 
     def _count_talker_step(self, now: float) -> None:
         if self._talker_wait_from is not None:
@@ -384,10 +421,14 @@ class SpeechEngine:
             self._talker_wait_from = None
         self._stats.talker_steps += 1
 
-    def _count_code2wav(self, rows: int, seconds: float) -> None:
+    def _count_code2wav(self, rows: int, thread_rows: int, seconds: float) -> None:
+        """A batch of `rows`, `thread_rows` of them decoded in this thread in `seconds` (the others in workers)."""
         self._stats.code2wav_batches += 1
         self._stats.code2wav_rows += rows
-        self._costs = replace(self._costs, code2wav_row_s=_ema(self._costs.code2wav_row_s, seconds / rows))
+        self._stats.code2wav_offloaded_rows += rows - thread_rows
+        if thread_rows:  # the talker's pause per row this thread decodes (it waits for no worker)
+            row_s = _ema(self._costs.code2wav_row_s, seconds / thread_rows)
+            self._costs = replace(self._costs, code2wav_row_s=row_s)
 
     def _after_talker(self, stream: _Stream) -> None:
         if stream.seq.finished and not stream.audio.finished:

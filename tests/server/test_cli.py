@@ -84,6 +84,7 @@ def refusal(capsys, *flags: str) -> str:
         (("--dtype", "int3"), "argument --dtype: invalid choice"),
         (("--speech-dtype", "float8"), "speech dtype 'float8'"),
         (("--speech-device", "tpu:0"), "speech device 'tpu:0'"),
+        (("--code2wav-workers", "-1"), "code2wav_workers must not be negative"),
         (("--model", "/nonexistent"), "not a Hugging Face checkpoint directory"),
     ],
 )
