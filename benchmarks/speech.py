@@ -203,7 +203,7 @@ async def main(args: argparse.Namespace) -> None:
     reference = Transformers(model, args.plain_transformers, busy)
     speech = engine.speech
     speech.talker.step = timed(speech.talker.step, busy, "talker")  # type: ignore[method-assign]
-    speech.code2wav.decode = timed(speech.code2wav.decode, busy, "code2wav")  # type: ignore[method-assign]
+    speech.code2wav.start_decode = timed(speech.code2wav.start_decode, busy, "code2wav")  # type: ignore[method-assign]
     lines = [row(*COMPARE), row(*["---"] * len(COMPARE))]
     try:
         await ours(engine, "warmup", 50, 0)
@@ -271,9 +271,10 @@ TTFA is time to the first audio sample; transformers returns audio only at the e
 time. "text done" is when the thinker's last text arrived (transformers: its thinker.generate time). RTF is a
 stream's generation time over its audio duration (< 1: faster than real time). "talker s" / "code2wav s" is time
 spent in those stages (ours: in the speech thread, overlapping the thinker; transformers: one after another).
-"Busy" is the share of wall time the speech thread spent in talker steps and Code2Wav chunks: near 100% means the
-speech thread is the bottleneck. A stall is time a listener who starts playing at the first chunk spends waiting
-for later chunks (summed per stream).
+"Busy" is the share of wall time the speech thread spent in talker steps and in its own share of Code2Wav batches
+(a worker process decodes the rest meanwhile, not counted): near 100% means the speech thread is the bottleneck.
+A stall is time a listener who starts playing at the first chunk spends waiting for later chunks (summed per
+stream).
 
 {NOTE}
 """
@@ -290,7 +291,8 @@ Code2Wav) runs in the benchmark's process, so ours can keep both cores busy; tra
 after another on one process's torch threads. Other jobs share the two cores, so single numbers move by tens of
 percent between runs; the ratios and the shapes are what carry over: first audio does not wait for the answer,
 our chunked Code2Wav costs about the same per second of audio at any length while transformers' one-shot token2wav
-grows faster than the answer, and under load the single speech thread is what saturates first here. Our thinker
+grows faster than the answer, and under load the speech stage (its thread, with a Code2Wav worker process beside
+it) is what saturates first here. Our thinker
 finishes its text later than transformers' (vLLM's per-step overhead on a tiny model, on cores it shares with
 the speech thread); it still finishes long before the audio, so it is not what limits these runs."""
 
