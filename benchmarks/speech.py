@@ -232,6 +232,7 @@ async def main(args: argparse.Namespace) -> None:
         side_by_side, median = await ratios(engine, reference, n, args.codes[0], busy, args.ratio_rounds)
         lines += side_by_side
     finally:
+        workers = len(speech.code2wav.workers)  # before the shutdown stops them
         engine.shutdown()
     table = "\n".join(lines)
     goal = (
@@ -241,7 +242,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     print(table, goal, sep="\n\n")
     if not args.no_doc:
-        update_doc(table, goal, args, len(speech.code2wav.workers))
+        update_doc(table, goal, args, workers)
 
 
 def update_doc(table: str, goal: str, args: argparse.Namespace, workers: int) -> None:
