@@ -110,15 +110,15 @@ class Code2WavWorker:
 def _serve(conn: Connection, model: Code2Wav, threads: int) -> None:
     """The worker's loop: a batch in, its result (or its error, as text) out, until the pipe closes."""
     torch.set_num_threads(threads)
-    conn.send("ready")
-    while True:
-        try:
+    try:
+        conn.send("ready")
+        while True:
             chunks = conn.recv()
-        except (OSError, EOFError):
-            return
-        try:
-            with torch.no_grad():
-                reply = (True, model.run_chunks(chunks))
-        except Exception as error:  # the caller fails the batch's streams; this worker goes on
-            reply = (False, f"{type(error).__name__}: {error}")
-        conn.send(reply)
+            try:
+                with torch.no_grad():
+                    reply = (True, model.run_chunks(chunks))
+            except Exception as error:  # the caller fails the batch's streams; this worker goes on
+                reply = (False, f"{type(error).__name__}: {error}")
+            conn.send(reply)
+    except (OSError, EOFError):  # the caller closed its end (or is gone), even mid-batch
+        return
