@@ -183,10 +183,7 @@ async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_not
     the turn was spoken. Those stay cached for the session, held by nothing, until the session ends."""
     url, state = server
     talker = state.engine.speech.talker
-    # Only open Realtime sessions have cached talker blocks, and earlier tests' sessions are forgotten a little
-    # after their clients leave (the server's teardown of the session): wait for that.
-    baseline = 0
-    assert await talker_released(state, baseline)
+    baseline = talker.blocks.num_cached_blocks
     async with raw(url) as (ws, events):
         await send(ws, {"type": "session.update", "session": MANUAL})
         await events.until("session.updated")
@@ -235,10 +232,7 @@ async def test_a_barge_in_and_a_false_start_leave_the_talker_nothing_held(server
     ahead), and leaves before the turn ends (speech_started, no commit). Nothing stays held or cached."""
     url, state = server
     talker = state.engine.speech.talker
-    # Only open Realtime sessions have cached talker blocks, and earlier tests' sessions are forgotten a little
-    # after their clients leave (the server's teardown of the session): wait for that.
-    baseline = 0
-    assert await talker_released(state, baseline)
+    baseline = talker.blocks.num_cached_blocks
     async with raw(url) as (ws, events):
         vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
         await send(ws, {"type": "session.update", "session": {**GREEDY, "audio": {"input": {"turn_detection": vad}}}})
