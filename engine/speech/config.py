@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,8 @@ class SpeechConfig:
     first_chunk_codes: int = 48  # codes before a stream's first audio: 48 (Qwen's), 24 or 12
     ode_solver: str = "rk4"  # Code2Wav's flow ODE: "rk4" (transformers', parity) or "euler" (4x fewer DiT calls)
     enforce_eager: bool = False  # no CUDA graphs (talker decode step, Code2Wav windows)
-    # CPU only: processes that decode a share of each Code2Wav batch's rows (opt-in: docs/benchmarks.md)
-    code2wav_workers: int = 0
+    # CPU only: processes that decode a share of each Code2Wav batch's rows; None: 1 on a multi-core CPU, else 0
+    code2wav_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -32,7 +33,7 @@ class SpeechConfig:
             raise ValueError(f"first_chunk_codes must be one of {FIRST_CHUNK_CODES}, not {self.first_chunk_codes}")
         if self.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"ode_solver must be one of {', '.join(ODE_SOLVERS)}, not {self.ode_solver!r}")
-        if self.code2wav_workers < 0:
+        if self.code2wav_workers is not None and self.code2wav_workers < 0:
             raise ValueError(f"code2wav_workers must not be negative, got {self.code2wav_workers}")
         if self.talker_memory_gib is not None and self.talker_memory_gib <= 0:
             raise ValueError(f"talker_memory_gib must be positive, got {self.talker_memory_gib}")
@@ -57,6 +58,8 @@ class SpeechConfig:
     def num_code2wav_workers(self) -> int:
         """The Code2Wav worker processes to start: ValueError for workers asked on a GPU."""
         on_cpu = self.torch_device().type == "cpu"
+        if self.code2wav_workers is None:
+            return int(on_cpu and (os.cpu_count() or 1) > 1)
         if self.code2wav_workers and not on_cpu:
             raise ValueError(f"code2wav_workers are for a speech stage on the CPU, not on {self.torch_device()}")
         return self.code2wav_workers

@@ -186,7 +186,8 @@ class SpeechEngine:
         self._send("close", key)
 
     def forget_session(self, session: str) -> None:
-        """The session ended: the talker drops its cached prompt blocks."""
+        """The session ended: the talker drops its cached prompt blocks, and nothing the engine holds caches any
+        more under it (its prompts being prefilled ahead stop; its live streams' prompts are not cached)."""
         self._send("forget", session)
 
     def prefill_ahead(self, key: str, session: str, part: PromptPart) -> None:
@@ -280,7 +281,7 @@ class SpeechEngine:
             self.code2wav.dit_calls = 0
             return
         if command.name == "forget":
-            self.talker.forget(command.key)
+            self._forget(command.key)
             return
         if command.name in ("ahead", "cancel_ahead"):
             self._apply_ahead(command)
@@ -311,6 +312,13 @@ class SpeechEngine:
                     self._drop(command.key)
         except Exception as error:  # bad input for one stream fails that stream only
             self._fail(command.key, error)
+
+    def _forget(self, session: str) -> None:
+        self._ahead = {key: prompt for key, prompt in self._ahead.items() if prompt.session != session}
+        for stream in self._streams.values():
+            if stream.seq.session == session:
+                stream.seq.session = None  # its prefill, still to come, would register blocks nobody could forget
+        self.talker.forget(session)
 
     def _apply_ahead(self, command: _Command) -> None:
         if command.name == "cancel_ahead":

@@ -72,6 +72,10 @@ class BlockManager:
         """Registered blocks, referenced or not."""
         return len(self._block_of)
 
+    def num_session_blocks(self, session: str) -> int:
+        """Blocks registered for `session`, referenced or not."""
+        return len(self._sessions.get(session, ()))
+
     @property
     def _num_available(self) -> int:
         return self.num_blocks - self._num_used - self._num_pending

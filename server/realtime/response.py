@@ -198,6 +198,8 @@ class LiveResponse:
         try:
             await asyncio.wait({self.task})  # unlike `await task`, never swallows a cancellation of our own
         finally:
+            if self.ingest is not None:  # a task cancelled before its first step never ran `_run`, which closes it
+                await self.ingest.close()
             if reason is not None:
                 self.outbox.drop(self.id)  # deltas still queued for it are dropped: the client stops it now
             self._finish("cancelled", {"type": "cancelled", "reason": reason}, None, notify=reason is not None)

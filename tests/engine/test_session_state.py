@@ -262,4 +262,4 @@ async def test_a_spoken_second_turn_speaks_as_sent_at_once(omni: OmniEngine, ses
     assert dataclasses.replace(usage, cached_tokens=0) == alone_usage and usage.audio_tokens > 0
     assert len(waveform) == len(alone)
     assert np.abs(waveform - alone).max() <= 1e-5 * max(np.abs(alone).max(), 1e-30) + 1e-7
-    omni.thinker.forget_session(session)
+    omni.forget_session(session)

@@ -36,10 +36,14 @@ def test_devices_and_dtypes_this_machine_lacks_are_refused(config, words):
         config()
 
 
-def test_code2wav_workers_are_opt_in_and_refused_on_a_gpu():
+def test_code2wav_workers_default_to_one_on_a_multi_core_cpu_and_none_on_a_gpu(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert SpeechConfig(device="cpu").num_code2wav_workers() == 1
+    assert SpeechConfig(device="cpu", code2wav_workers=0).num_code2wav_workers() == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert SpeechConfig(device="cpu").num_code2wav_workers() == 0
-    assert SpeechConfig(device="cpu", code2wav_workers=1).num_code2wav_workers() == 1
     if torch.cuda.is_available():
+        assert SpeechConfig(device="cuda:0").num_code2wav_workers() == 0
         with pytest.raises(ValueError, match="on the CPU"):
             SpeechConfig(device="cuda:0", code2wav_workers=1).num_code2wav_workers()
 

@@ -13,7 +13,7 @@ from talker_inputs import AUDIO_ID, Conversation, pool_gib, run, synthetic
 from thinker_cases import tone
 
 from omnitalk.codecs.code2wav import Code2Wav
-from omnitalk.engine.speech.engine import AudioChunk, SpeechEngine
+from omnitalk.engine.speech.engine import AudioChunk, SpeechDone, SpeechEngine
 from omnitalk.engine.talker import Talker, TalkerSampling, TalkerSequence
 from omnitalk.engine.talker.ahead import AheadPrompt, PromptPart
 from omnitalk.engine.talker.runner import BLOCK_SIZE
@@ -169,5 +169,34 @@ def test_the_speech_engine_prefills_ahead_only_when_no_stream_can_progress(tiny_
         assert len(ahead_at_audio) > 1 and set(ahead_at_audio) == {0}
         assert talker.num_ahead_tokens == 3 * BLOCK_SIZE and talker.blocks.num_cached_blocks == 3  # "kept"'s only
         assert talker.num_free_tokens == talker.blocks.num_tokens
+    finally:
+        engine.shutdown()
+
+
+def test_nothing_held_when_a_session_is_forgotten_caches_under_it_later(tiny_dir):
+    """The session's stream is open but not prefilled (its rows come after the forget) and a prompt of it is sent
+    ahead: neither registers a block under the forgotten session, and the stream is still spoken whole."""
+    talker = Talker.from_checkpoint(tiny_dir, max_seqs=4, memory_gib=pool_gib(8192))
+    engine = SpeechEngine(talker, Code2Wav.from_checkpoint(tiny_dir), max_batch=4)
+    events, done = [], threading.Event()
+
+    def sink(event) -> None:  # on the speech thread
+        events.append(event)
+        if not isinstance(event, AudioChunk):
+            done.set()
+
+    try:
+        conv, prompt_len, codes = Conversation("conv", 300, 15), 100, 20
+        sampling = TalkerSampling(temperature=0.0, max_tokens=codes)
+        engine.open("answer", [AUDIO_ID] * prompt_len, conv.positions[:, :prompt_len], "Chelsie", sampling, sink,
+                    session="gone", content_keys=conv.keys[:prompt_len])  # fmt: skip
+        engine.prefill_ahead("ingest", "gone", part(conv, 0, 200))
+        engine.forget_session("gone")
+        engine.add_rows("answer", 0, conv.rows[: prompt_len + codes])
+        engine.add_tokens("answer", list(range(1000, 1001 + codes)))
+        engine.thinker_done("answer")
+        assert done.wait(timeout=120)
+        assert isinstance(events[-1], SpeechDone) and events[-1].num_codes > 0
+        assert talker.blocks.num_session_blocks("gone") == 0 and talker.blocks.num_cached_blocks == 0
     finally:
         engine.shutdown()

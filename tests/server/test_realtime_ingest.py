@@ -160,15 +160,27 @@ async def prefilled_ahead(state, before: int) -> bool:
     return False
 
 
-async def talker_released(state, cached: int) -> bool:
+async def talker_released(state, events, cached: int = 0) -> bool:
     """Polled: no talker block is held or reserved (whatever was prefilled ahead, and every stream, let go), and
-    `cached` blocks are cached (the open sessions' prompt blocks, free to evict)."""
-    talker = state.engine.speech.talker
+    `cached` blocks are cached for the session of `events` (its prompt blocks, free to evict)."""
+    talker, session = state.engine.speech.talker, events.seen[0]["session"]["id"]
     for _ in range(400):
-        if talker.num_free_tokens == talker.blocks.num_tokens and talker.blocks.num_cached_blocks == cached:
+        if talker.num_free_tokens == talker.blocks.num_tokens and talker.blocks.num_session_blocks(session) == cached:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def session_blocks(state, events) -> int:
+    return state.engine.speech.talker.blocks.num_session_blocks(events.seen[0]["session"]["id"])
+
+
+async def manual_ingest(ws, events, state) -> None:
+    """Manual turns; 2.5 s of speech appended and ingested."""
+    await send(ws, {"type": "session.update", "session": MANUAL})
+    await events.until("session.updated")
+    await append(ws, speech(2.5))
+    await ingest_opened(ws, events, state)
 
 
 async def ingest_opened(ws, events, state) -> None:
@@ -182,20 +194,15 @@ async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_not
     """Every stage lets the turn go: the thinker's requests, and the talker's blocks, which it prefilled ahead while
     the turn was spoken. Those stay cached for the session, held by nothing, until the session ends."""
     url, state = server
-    talker = state.engine.speech.talker
-    baseline = talker.blocks.num_cached_blocks
     async with raw(url) as (ws, events):
-        await send(ws, {"type": "session.update", "session": MANUAL})
-        await events.until("session.updated")
-        await append(ws, speech(2.5))
-        await ingest_opened(ws, events, state)
+        await manual_ingest(ws, events, state)
         await send(ws, {"type": "input_audio_buffer.clear"})
         await events.until("input_audio_buffer.cleared")
         assert await settled(state)
-        cached = talker.blocks.num_cached_blocks
-        assert cached > baseline and await talker_released(state, cached)
+        cached = session_blocks(state, events)
+        assert cached > 0 and await talker_released(state, events, cached)
 
-        await append(ws, speech(2.5))
+        await append(ws, speech(2.5) * 0.5)  # other audio: blocks not cached yet
         await ingest_opened(ws, events, state)
         await send(ws, {"type": "input_audio_buffer.commit"})
         await events.until("conversation.item.done")
@@ -204,17 +211,14 @@ async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_not
         await send(ws, {"type": "response.cancel"})
         assert (await events.until("response.done"))[-1]["response"]["status"] == "cancelled"
         assert await settled(state)
-        assert await talker_released(state, talker.blocks.num_cached_blocks)
-    assert await talker_released(state, baseline)  # the session ended: its cached blocks went with it
+        assert await talker_released(state, events, session_blocks(state, events))
+    assert await talker_released(state, events)  # the session ended: its cached blocks went with it
 
     # A new session: a later turn of one with session_state on is not ingested (it reuses the session's state).
     async with raw(url) as (ws, events):
-        await send(ws, {"type": "session.update", "session": MANUAL})
-        await events.until("session.updated")
-        await append(ws, speech(2.5))
-        await ingest_opened(ws, events, state)
+        await manual_ingest(ws, events, state)
     assert await settled(state)  # the client left mid-utterance
-    assert await talker_released(state, baseline)
+    assert await talker_released(state, events)
 
     async with raw(url) as (ws, events):  # server VAD: a turn started, then the detector is replaced
         await append(ws, np.concatenate([silence(0.5), speech(2.0)]))
@@ -223,8 +227,24 @@ async def test_clear_cancel_a_reset_detector_and_leaving_mid_utterance_leave_not
         await send(ws, {"type": "session.update", "session": MANUAL})
         await events.until("session.updated")
         assert await settled(state)
-        assert await talker_released(state, talker.blocks.num_cached_blocks)
-    assert await talker_released(state, baseline)
+        assert await talker_released(state, events, session_blocks(state, events))
+    assert await talker_released(state, events)
+
+
+async def test_a_response_cancelled_before_it_starts_closes_the_turn_it_answers(server):
+    """response.create and response.cancel in one burst: the cancel can reach the response before its task first
+    runs; the ingested turn it was handed is closed all the same."""
+    url, state = server
+    async with raw(url) as (ws, events):
+        await manual_ingest(ws, events, state)
+        await send(ws, {"type": "input_audio_buffer.commit"})
+        await events.until("conversation.item.done")
+        await send(ws, {"type": "response.create"})
+        await send(ws, {"type": "response.cancel"})
+        assert (await events.until("response.done"))[-1]["response"]["status"] == "cancelled"
+        assert await settled(state)
+        assert await talker_released(state, events, session_blocks(state, events))
+    assert await talker_released(state, events)
 
 
 async def test_a_barge_in_and_a_false_start_leave_the_talker_nothing_held(server):
@@ -232,7 +252,6 @@ async def test_a_barge_in_and_a_false_start_leave_the_talker_nothing_held(server
     ahead), and leaves before the turn ends (speech_started, no commit). Nothing stays held or cached."""
     url, state = server
     talker = state.engine.speech.talker
-    baseline = talker.blocks.num_cached_blocks
     async with raw(url) as (ws, events):
         vad = {"type": "server_vad", "create_response": False, "interrupt_response": True}
         await send(ws, {"type": "session.update", "session": {**GREEDY, "audio": {"input": {"turn_detection": vad}}}})
@@ -247,6 +266,6 @@ async def test_a_barge_in_and_a_false_start_leave_the_talker_nothing_held(server
         assert done["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
         await opened(ws, events, state)
         assert await prefilled_ahead(state, ahead)
-        assert await talker_released(state, talker.blocks.num_cached_blocks)
+        assert await talker_released(state, events, session_blocks(state, events))
     assert await settled(state)
-    assert await talker_released(state, baseline)
+    assert await talker_released(state, events)

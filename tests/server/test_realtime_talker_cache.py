@@ -20,10 +20,12 @@ async def send(ws, event: dict) -> None:
     await ws.send(json.dumps(event))
 
 
-async def session(url: str, talker) -> list[int]:
-    """Three manual turns; the talker's cached tokens after each answer."""
+async def session(url: str, talker) -> tuple[str, list[int], int]:
+    """Three manual turns: the session's id, the talker's cached tokens after each answer, and the blocks cached
+    for the session at its end."""
     cached = []
     async with raw(url) as (ws, events):
+        sid = events.seen[0]["session"]["id"]
         await send(ws, {"type": "session.update", "session": MANUAL})
         await events.until("session.updated")
         for k, seconds in enumerate((5.0, 2.5, 3.0)):
@@ -35,7 +37,7 @@ async def session(url: str, talker) -> list[int]:
             response = (await events.until("response.done"))[-1]["response"]
             assert response["usage"]["output_token_details"]["audio_tokens"] > 0
             cached.append(talker.num_cached_tokens)
-    return cached
+        return sid, cached, talker.blocks.num_session_blocks(sid)
 
 
 async def scraped(url: str, metric: str = METRIC) -> float:
@@ -44,9 +46,10 @@ async def scraped(url: str, metric: str = METRIC) -> float:
     return float(next(line.split()[-1] for line in lines if line.startswith(metric + " ")))
 
 
-async def blocks_settle_at(talker, count: int) -> bool:
+async def forgotten(talker, session: str) -> bool:
+    """Polled: no block is cached for the session (it ends a little after its client leaves)."""
     for _ in range(100):
-        if talker.blocks.num_cached_blocks == count:
+        if talker.blocks.num_session_blocks(session) == 0:
             return True
         await asyncio.sleep(0.05)
     return False
@@ -55,26 +58,26 @@ async def blocks_settle_at(talker, count: int) -> bool:
 async def test_later_turns_reuse_the_talkers_blocks_which_go_with_the_session(omni, settings):
     talker = omni.speech.talker
     on = settings.model_copy(update={"ingest_audio": False})
-    blocks_before, start = talker.blocks.num_cached_blocks, talker.num_cached_tokens
+    start = talker.num_cached_tokens
     async with live_server(omni, on) as (url, state):
-        cached = await session(url, talker)
-        assert cached[0] == start < cached[1] < cached[2]
+        sid, cached, blocks = await session(url, talker)
+        assert cached[0] == start < cached[1] < cached[2] and blocks > 0
         assert await scraped(url) == talker.num_cached_tokens
-        assert await settled(state) and await blocks_settle_at(talker, blocks_before)
+        assert await settled(state) and await forgotten(talker, sid)
     off = on.model_copy(update={"session_state": False})
     async with live_server(omni, off) as (off_url, _):
-        cached_off = await session(off_url, talker)
-    assert cached_off == [cached[2]] * 3 and talker.blocks.num_cached_blocks == blocks_before
+        _, cached_off, blocks_off = await session(off_url, talker)
+    assert cached_off == [cached[2]] * 3 and blocks_off == 0
 
 
 async def test_with_ingestion_each_turn_is_prefilled_ahead_and_counted(omni, settings):
     """Ingested turns (the default): the talker prefills each turn's prompt blocks while it is spoken
     (`omnitalk:talker_ahead_tokens` agrees), and every block goes with the session."""
     talker = omni.speech.talker
-    blocks_before, ahead_before = talker.blocks.num_cached_blocks, talker.num_ahead_tokens
+    ahead_before = talker.num_ahead_tokens
     async with live_server(omni, settings) as (url, state):
-        cached = await session(url, talker)
-        assert talker.num_ahead_tokens > ahead_before and cached[0] < cached[1] < cached[2]
+        sid, cached, blocks = await session(url, talker)
+        assert talker.num_ahead_tokens > ahead_before and cached[0] < cached[1] < cached[2] and blocks > 0
         assert await scraped(url, AHEAD) == talker.num_ahead_tokens
-        assert await settled(state) and await blocks_settle_at(talker, blocks_before)
+        assert await settled(state) and await forgotten(talker, sid)
     assert talker.num_free_tokens == talker.blocks.num_tokens
