@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -199,16 +198,20 @@ class Code2Wav:
     def decode(self, streams: Sequence[Code2WavStream]) -> list[np.ndarray]:
         """The next audio chunk (float32, 24 kHz) of each stream, decoded as one batch; empty if not ready."""
         audio, offloads = self.start_decode(streams)
-        failure: Exception | None = None
-        for offload in offloads:  # every one is collected, so no worker is left holding a stale answer
+        if (failure := self._collect_all(offloads, audio)) is not None:
+            raise failure
+        return audio
+
+    def _collect_all(self, offloads: list[Offload], audio: list[np.ndarray]) -> Exception | None:
+        """Every offload collected into `audio` (so no worker is left holding a stale answer); the first error."""
+        failure = None
+        for offload in offloads:
             try:
                 for i, chunk in zip(offload.indices, self.collect(offload), strict=True):
                     audio[i] = chunk
             except Exception as error:
                 failure = failure or error
-        if failure is not None:
-            raise failure
-        return audio
+        return failure
 
     @torch.no_grad()
     def start_decode(self, streams: Sequence[Code2WavStream]) -> tuple[list[np.ndarray], list[Offload]]:
@@ -246,9 +249,7 @@ class Code2Wav:
             try:
                 outputs = self.run_chunks(self._chunks(active))
             except Exception:
-                for offload in offloads:  # the whole batch fails; its workers are freed first
-                    with contextlib.suppress(Exception):
-                        self.collect(offload)
+                self._collect_all(offloads, audio)  # the whole batch fails; its workers are freed first
                 raise
             for i, chunk in zip(mine, self._emit(active, *outputs), strict=True):
                 audio[i] = chunk

@@ -43,6 +43,7 @@ def engine_config(settings: ServerSettings) -> EngineConfig:
         ode_solver=settings.ode_solver,
         enforce_eager=settings.enforce_eager,
         code2wav_workers=settings.code2wav_workers,
+        threads=settings.speech_threads,
     )
     return EngineConfig(thinker, speech)
 

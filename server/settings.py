@@ -29,6 +29,7 @@ SPEECH_FIELDS = (
     "first_chunk_codes",
     "ode_solver",
     "code2wav_workers",
+    "speech_threads",
 )
 
 
@@ -92,6 +93,9 @@ class ServerSettings(BaseSettings):
     code2wav_workers: int | None = None
     """processes that decode a share of each Code2Wav batch beside the speech thread (a speech stage on cpu only);
     none: 1 on a multi-core cpu, 0 on a GPU"""
+    speech_threads: int | None = None
+    """torch threads of the server process (speech stage, input features); none: 1 without CUDA (vLLM's CPU worker
+    holds every other core), else torch's default"""
 
     # The thinker (vLLM engine arguments; None: omnitalk's or vLLM's default).
     dtype: str = "auto"

@@ -23,6 +23,9 @@ class SpeechConfig:
     enforce_eager: bool = False  # no CUDA graphs (talker decode step, Code2Wav windows)
     # CPU only: processes that decode a share of each Code2Wav batch's rows; None: 1 on a multi-core CPU, else 0
     code2wav_workers: int | None = None
+    # torch's intra-op threads in this process (the speech thread, input features); None: 1 on a machine without
+    # CUDA, where vLLM's CPU worker binds every core but the one it leaves this process, else torch's default
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -35,6 +38,8 @@ class SpeechConfig:
             raise ValueError(f"ode_solver must be one of {', '.join(ODE_SOLVERS)}, not {self.ode_solver!r}")
         if self.code2wav_workers is not None and self.code2wav_workers < 0:
             raise ValueError(f"code2wav_workers must not be negative, got {self.code2wav_workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"speech threads must be at least 1, got {self.threads}")
         if self.talker_memory_gib is not None and self.talker_memory_gib <= 0:
             raise ValueError(f"talker_memory_gib must be positive, got {self.talker_memory_gib}")
 
@@ -63,6 +68,13 @@ class SpeechConfig:
         if self.code2wav_workers and not on_cpu:
             raise ValueError(f"code2wav_workers are for a speech stage on the CPU, not on {self.torch_device()}")
         return self.code2wav_workers
+
+    def num_threads(self) -> int | None:
+        """torch's intra-op threads for this process; None: leave torch's default. More threads than the cores
+        vLLM's CPU worker leaves free spin against that worker, slowing both it and the speech stage."""
+        if self.threads is None and not torch.cuda.is_available():
+            return 1
+        return self.threads
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -113,6 +113,8 @@ class SpeechEngine:
         talker's own, max_position_embeddings). The talker (weights and KV pool) and Code2Wav take the
         config's dtype."""
         device, dtype, workers = config.torch_device(), config.torch_dtype(), config.num_code2wav_workers()
+        if (threads := config.num_threads()) is not None:
+            torch.set_num_threads(threads)  # before the workers start: they take this process's count
         if device.type == "cuda":
             # fp32 matmuls and convolutions may use TF32 (10-bit mantissas, still finer than bf16); the
             # thinker runs in vLLM's own processes, which this does not touch.

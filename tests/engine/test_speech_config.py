@@ -66,3 +66,17 @@ def test_a_bf16_talker_speaks_float32_audio(tiny_dir):
         assert event.num_codes == 60 and samples == 60 * 480
     finally:
         engine.shutdown()
+
+
+def test_the_speech_stage_takes_one_torch_thread_beside_a_thinker_on_the_cpu(monkeypatch, tiny_dir):
+    """vLLM's CPU worker binds every core but one; a second torch thread here would spin against it."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert SpeechConfig().num_threads() == 1 and SpeechConfig(threads=2).num_threads() == 2
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert SpeechConfig().num_threads() is None  # a thinker on a GPU leaves the cores to torch's default
+    monkeypatch.undo()
+    try:
+        SpeechEngine.from_checkpoint(tiny_dir, SpeechConfig(device="cpu", threads=2, code2wav_workers=0)).shutdown()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # the test session's

@@ -36,6 +36,7 @@ def test_flags_land_in_the_engine_config(tiny_dir):
         "--model", str(tiny_dir), "--dtype", "bfloat16", "--gpu-memory-utilization", "0.5", "-tp", "2",
         "--max-num-batched-tokens", "2k", "--enforce-eager", "--enable-prefix-caching", "--kv-cache-dtype", "fp8",
         "--speech-device", "cpu", "--speech-dtype", "bfloat16", "--max-num-seqs", "4", "--code2wav-workers", "2",
+        "--speech-threads", "3",
     )  # fmt: skip
     config = engine_config(settings)
     assert (config.thinker.dtype, config.thinker.gpu_memory_utilization) == ("bfloat16", 0.5)
@@ -44,7 +45,7 @@ def test_flags_land_in_the_engine_config(tiny_dir):
     assert config.thinker.enforce_eager and config.thinker.enable_prefix_caching
     assert (config.thinker.kv_cache_dtype, config.thinker.max_num_seqs) == ("fp8", 4)
     assert (config.speech.torch_device(), config.speech.torch_dtype()) == (torch.device("cpu"), torch.bfloat16)
-    assert config.speech.num_code2wav_workers() == 2
+    assert config.speech.num_code2wav_workers() == 2 and config.speech.num_threads() == 3
 
 
 def test_session_state_and_prefix_caching_are_on_unless_turned_off():
@@ -85,6 +86,7 @@ def refusal(capsys, *flags: str) -> str:
         (("--speech-dtype", "float8"), "speech dtype 'float8'"),
         (("--speech-device", "tpu:0"), "speech device 'tpu:0'"),
         (("--code2wav-workers", "-1"), "code2wav_workers must not be negative"),
+        (("--speech-threads", "0"), "speech threads must be at least 1"),
         (("--model", "/nonexistent"), "not a Hugging Face checkpoint directory"),
     ],
 )
